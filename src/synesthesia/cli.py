@@ -1,0 +1,73 @@
+"""The `synesthesia` command: one entry point, each verb a thin module in `synesthesia.commands`.
+
+Every verb takes a pipeline file and ``key.sub=value`` overrides; verbs that
+write take ``--out DIR``. A user mistake is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from synesthesia import UserError, __version__
+
+# verb -> one-line help; the module synesthesia.commands.<verb> implements it.
+VERBS = {
+    "render": "render the procedural scenes dataset into source shards",
+    "ingest": "import an image folder, webdataset tars or a saved HF dataset into source shards",
+    "bootstrap": "train small image-conditioned latent diffusion generators on paired data",
+    "shard": "stage one: run frozen generators over source shards, write latent sidecar shards",
+    "train": "stage two: train the multimodal teacher or an RGB-only student with accelerate",
+    "eval": "evaluate a trained or exported model on a split",
+    "ablate": "run the ablation grid (method x privileged source x seeds) and write tables and plots",
+    "inspect": "describe shard sets; --verify re-hashes every shard against its manifest",
+    "demo": "render, shard, train the teacher and students, print the results table",
+}
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    """The arguments every pipeline verb shares: the file, overrides and (for writers) --out."""
+    parser.add_argument("pipeline", help="pipeline YAML file (see pipelines/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-3 or stage=teacher"
+    )
+    if out_default is not None:
+        parser.add_argument("--out", default=out_default, help=f"output root (default: {out_default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synesthesia", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"synesthesia {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, help_text in VERBS.items():
+        module = importlib.import_module(f"synesthesia.commands.{verb}")
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from synesthesia.utils import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"synesthesia {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("synesthesia").warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Small output dataclasses shared by the teacher, the students and the methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TeacherOutput:
+    """What the multimodal teacher returns.
+
+    ``hidden_states[l]`` is the (B, N, D) token sequence after block ``l``;
+    ``spans[m]`` is the (start, end) slice of modality ``m``'s tokens in it
+    (``spans["rgb"]`` the RGB patches; the CLS token is index 0).
+    """
+
+    logits: torch.Tensor
+    hidden_states: list[torch.Tensor]
+    spans: dict[str, tuple[int, int]]
+
+    def modality_tokens(self, layer: int, modality: str) -> torch.Tensor:
+        start, end = self.spans[modality]
+        return self.hidden_states[layer][:, start:end]
+
+    def cls(self, layer: int = -1) -> torch.Tensor:
+        return self.hidden_states[layer][:, 0]
+
+
+@dataclass
+class StudentOutput:
+    """What an RGB-only student returns: logits and pooled features of the requested layers.
+
+    ``features[l]`` is (B, D_l): the CLS token after block ``l`` for a ViT, the
+    globally pooled output of stage ``l`` for a CNN (non-negative layer indices).
+    """
+
+    logits: torch.Tensor
+    features: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Where source shards come from: the procedural scenes, and ingest of existing datasets."""

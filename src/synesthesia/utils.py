@@ -1,0 +1,147 @@
+"""Small shared helpers: atomic writes, hashing, logging, devices, shared-resource lookup."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from synesthesia import UserError
+
+logger = logging.getLogger("synesthesia")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A reader never sees a half-written file under the final name: it either
+    exists complete or not at all (also after SIGKILL or a full disk).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def shared_dir() -> Path | None:
+    """The ``shared/`` folder beside the checkout (weights, fixtures), if there is one.
+
+    Looked for as ``$SYNESTHESIA_SHARED``, then ``../shared`` from the working
+    directory and from the package's source tree upwards.
+    """
+    env = os.environ.get("SYNESTHESIA_SHARED")
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    starts = [Path.cwd(), Path(__file__).resolve().parent]
+    for start in starts:
+        for parent in [start, *start.parents]:
+            candidate = parent.parent / "shared" if parent.name else None
+            if candidate is not None and (candidate / "weights").is_dir():
+                return candidate
+    return None
+
+
+def resolve_weights(
+    filename: str,
+    *,
+    explicit: str | Path | None = None,
+    env_var: str | None = None,
+    subdir: str = "",
+    url: str | None = None,
+) -> Path:
+    """Find a weights file: explicit path, environment variable, ../shared/weights, then download.
+
+    The download is tried only when ``url`` is given and ``HF_HUB_OFFLINE`` /
+    ``SYNESTHESIA_OFFLINE`` are unset; a missing file raises one clear line.
+    """
+    tried = []
+    if explicit:
+        p = Path(explicit)
+        p = p / filename if p.is_dir() else p
+        if p.is_file():
+            return p
+        raise UserError(f"weights not found at {p} (given explicitly)")
+    if env_var and os.environ.get(env_var):
+        p = Path(os.environ[env_var])
+        p = p / filename if p.is_dir() else p
+        if p.is_file():
+            return p
+        tried.append(f"${env_var}={os.environ[env_var]}")
+    shared = shared_dir()
+    if shared is not None:
+        p = shared / "weights" / subdir / filename
+        if p.is_file():
+            return p
+        tried.append(str(p))
+    offline = os.environ.get("SYNESTHESIA_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
+    if url and not offline:
+        cache = Path(os.environ.get("SYNESTHESIA_CACHE", Path.home() / ".cache" / "synesthesia")) / subdir
+        target = cache / filename
+        if target.is_file():
+            return target
+        try:
+            import urllib.request
+
+            logger.info("downloading %s from %s", filename, url)
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                atomic_write_bytes(target, resp.read())
+            return target
+        except OSError as exc:
+            tried.append(f"{url} ({exc.__class__.__name__})")
+    where = f"set ${env_var} or " if env_var else ""
+    raise UserError(
+        f"weights file {filename} not found; {where}put it in ../shared/weights/{subdir} (tried: {', '.join(tried) or 'nothing'})"
+    )
+
+
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available")
+    return torch.device(name)
