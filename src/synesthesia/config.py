@@ -38,8 +38,15 @@ class ScenesConfig:
     lidar_azimuth: int = 256
     audio_rate: int = 16000
     audio_seconds: float = 0.5
-    # 0: colour tells the material; 1: colour distributions of materials fully overlap.
-    ambiguity: float = 0.8
+    # How much of the label (true size x material) RGB hides, in [0, 1]. Size: everything but
+    # the target is scaled by (L / 0.6 m)^ambiguity, so apparent size goes as L^(1 - ambiguity);
+    # material: colours are mixed with a draw shared by all materials in this proportion
+    # (0: colour and scale tell the label; 1: RGB holds neither). See sources/scenes.py.
+    ambiguity: float = 0.6
+    clutter: int = 3  # at most this many background objects (1..clutter per scene)
+    lidar_dropout: float = 0.05  # probability a return is lost (x3 on dark surfaces)
+    lidar_noise: float = 0.02  # range noise sigma in metres (+ 0.2 % of the range)
+    lidar_max_range: float = 80.0  # metres; farther returns read 0 (no return)
     shard_size: int = 500
     workers: int = 0  # 0: one process per core
 
@@ -48,12 +55,18 @@ class ScenesConfig:
 class IngestConfig:
     """Importing an existing dataset (`synesthesia ingest`)."""
 
-    source: str = ""
+    source: str = ""  # image folder, .tar path / brace pattern / folder of tars, saved HF dataset or parquet
     format: str = "auto"  # auto | folder | webdataset | hf
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = 0.1  # of train, when the source has no val split
+    test_fraction: float = 0.1  # of train, when the source has no test split
     shard_size: int = 1000
-    audio_rate: int = 16000
+    audio_rate: int = 16000  # audio is resampled to this rate and stored as 16-bit FLAC
+    image_field: str = "auto"  # webdataset field / HF column holding the image
+    label_field: str = "auto"  # webdataset field / HF column holding the label
+    lidar_beams: int = 64  # range image rows for KITTI .bin scans
+    lidar_azimuth: int = 1024  # range image columns for KITTI .bin scans
+    lidar_fov_up: float = 3.0  # degrees (HDL-64E)
+    lidar_fov_down: float = -25.0  # degrees (HDL-64E)
 
 
 @dataclass(frozen=True)
@@ -80,25 +93,56 @@ class ShardConfig:
     decode: bool = False
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    latent_dtype: str = "float16"
-    on_error: str = "skip"  # skip | raise
+    # auto: the generator's LatentSpec.dtype (float16 by default); float16 | float32 override float latents
+    # (codes always keep their integer dtype)
+    latent_dtype: str = "auto"
+    on_error: str = "skip"  # skip | raise (bad input samples / NaN latents: flagged and counted, or fail)
+    channels_last: bool = True  # CUDA only: model and 4-D inputs in channels_last memory format
+    max_pending_writes: int = 2  # shards queued for the background writer before inference waits
 
 
 @dataclass(frozen=True)
 class BootstrapConfig:
-    """Training small image-conditioned latent diffusion generators (`synesthesia bootstrap`)."""
+    """Training small image-conditioned latent diffusion generators (`synesthesia bootstrap`).
+
+    One model per modality, saved to ``<out>/<name or dataset>-<modality>/``; see models/README.md.
+    """
 
     modalities: list[str] = field(default_factory=lambda: ["depth", "audio", "lidar"])
-    out: str = "models"
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 2e-4
-    block_channels: list[int] = field(default_factory=lambda: [32, 64])
-    layers_per_block: int = 1
-    prediction_type: str = "sample"
+    out: str = "models"  # root of the model folders (the CLI's --out overrides it)
+    name: str = ""  # model folder prefix; "" -> the pipeline's dataset name
+    shards: str = "shards"  # root holding <dataset>/source (the CLI's --shards overrides it)
+    split: str = "paired"  # paired RGB+signal split to train on; the last `holdout` pairs are held out
+    holdout: int = 200
+    max_pairs: int = 0  # 0: all pairs of the split
+    vae: str = "tae"  # the frozen autoencoder of RGB and targets: tae (TAEF2)
+    vae_weights: str | None = None
+    mapping: dict[str, dict[str, Any]] = field(default_factory=dict)  # modality -> mappings options
+    scheduler: str = "ddim"  # ddim | flow (flow matching, Euler)
+    prediction_type: str = "sample"  # ddim: sample | epsilon | v_prediction; flow: ignored (velocity)
+    timestep_sampling: str = "uniform"  # uniform | inference (train only at the few inference timesteps)
     num_train_timesteps: int = 1000
     inference_steps: int = 2
-    holdout: int = 200
+    steps: int = 2000
+    regression_steps: int = -1  # -1: same as steps
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    clip_grad: float = 1.0
+    block_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    norm_groups: int = 8
+    attention: bool = False  # self-attention in the lowest-resolution block
+    precision: str = "no"  # no | bf16 | fp16 (accelerate mixed precision)
+    device: str = "auto"  # auto | cpu | cuda
+    encode_batch_size: int = 64
+    work_dir: str = "runs/bootstrap"  # checkpoints, latent cache and logs (git-ignored)
+    save_every: int = 500  # steps between checkpoints; 0: none
+    resume: bool = True  # resume from the latest checkpoint of an identical run
+    log_every: int = 50
+    log_with: str = ""  # an accelerate tracker (tensorboard, wandb, ...) or "" for none
+    max_model_mb: float = 5.0  # a saved model over this size is an error
     seed: int = 0
 
 
@@ -111,10 +155,14 @@ class TeacherConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     patch_size: int = 8
-    tokens_per_modality: int = 16
-    modality_dropout: float = 0.5
+    tokens_per_modality: int = 16  # the resampler's fixed token budget per modality
+    modality_dropout: float = 0.5  # p of replacing a modality's tokens by its null tokens (training)
     adapter_dropout: float = 0.1
     drop_path: float = 0.0
+    latent_patch_size: int = 1  # spatial latents: p×p latent pixels per token
+    resampler_depth: int = 0  # latent self-attention blocks after the resampler's cross-attention
+    resampler_mlp_ratio: float = 2.0
+    decoded_max_tokens: int = 256  # decoded raw signals: stride-2 convs until at most this many tokens
 
 
 @dataclass(frozen=True)
@@ -131,10 +179,10 @@ class MethodConfig:
     """A training objective from the methods registry; ``options`` go to its constructor."""
 
     name: str = "ce"
-    alpha: float = 0.25
+    alpha: float = 0.25  # weight of CE; (1 - alpha) weights the distillation KL
     temperature: float = 2.0
-    weight: float = 1.0
-    layers: list[int] = field(default_factory=lambda: [-3, -2, -1])
+    weight: float | None = None  # feature-term weight; None: the method's default (messy 1, hallucination 10)
+    layers: list[int] = field(default_factory=lambda: [-3, -2, -1])  # student blocks; negative from the end
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -157,10 +205,17 @@ class TrainConfig:
     precision: str = "no"  # no | bf16 | fp16
     num_workers: int = 1
     shuffle_buffer: int = 1000
-    save_every: int = 0  # steps; 0: only at the end
-    log_with: str = "tensorboard"
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
+    log_with: str = "jsonl"  # jsonl (local, <run>/logs) | tensorboard | wandb | ... | comma-separated | none
     augment: bool = True
     seed: int = 0
+    shards: str = "shards"  # shard root: reads <shards>/<dataset>/source and its sidecars
+    image_size: int = 0  # 0: the source manifest's extra.image_size, else the first image's size
+    run_name: str = ""  # run folder under <out>/<pipeline name>/; "": <stage or method>-<source>-s<seed>
+    on_error: str = "warn"  # bad samples: warn | skip | raise
+    record_keys: bool = False  # audit: write every sample key seen, per rank and epoch, to <run>/keys/
+    device: str = "auto"  # auto (an accelerator if there is one, else CPU) | cpu | cuda
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,14 @@ def run(args) -> int:
         print(json.dumps(summaries, indent=2, sort_keys=True))
     else:
         for info in summaries:
-            splits = ", ".join(f"{k} {v['samples']} in {v['shards']} shards" for k, v in info["splits"].items())
+            splits = ", ".join(
+                f"{k} {v['samples']} in {v['shards']} shards" for k, v in info["splits"].items()
+            )
             print(f"{info['path']}  [{info['kind']}]  {splits}  {info['bytes'] / 1e6:.2f} MB")
-            if info.get("modalities"):
-                print(f"  modalities: {', '.join(info['modalities'])}")
+            if info.get("modalities") is not None:
+                print(f"  modalities: {', '.join(info['modalities']) or 'rgb only'}")
+            if info.get("num_classes") is not None:
+                print(f"  classes: {info['num_classes']}")
             if info.get("generator"):
                 print(f"  generator: {json.dumps(info['generator'], sort_keys=True)}")
             if info.get("latent_spec"):

@@ -2,7 +2,7 @@
 
 from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, iter_aligned, iter_shard, shard_paths
 from synesthesia.shards.schema import SCHEMA_VERSION, SchemaError, decode_npy, encode_npy, shard_name
-from synesthesia.shards.writer import Manifest, ShardInfo, SplitWriter, write_shard
+from synesthesia.shards.writer import Manifest, ShardInfo, SplitWriter, check_sample, write_shard
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -12,6 +12,7 @@ __all__ = [
     "ShardInfo",
     "ShardMismatchError",
     "SplitWriter",
+    "check_sample",
     "decode_npy",
     "encode_npy",
     "iter_aligned",

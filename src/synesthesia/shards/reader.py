@@ -66,16 +66,24 @@ def iter_shard(path: str | Path, handler: ErrorPolicy | None = None) -> Iterator
 
 
 def iter_aligned_shard(
-    source: Path, sidecars: dict[str, Path], handler: ErrorPolicy | None = None
+    source: Path, sidecars: dict[str, Path], handler: ErrorPolicy | None = None, expected: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Samples of one source shard merged with the same-index shard of each sidecar."""
+    """Samples of one source shard merged with the same-index shard of each sidecar.
+
+    With ``expected`` (the manifest's sample count), a shard that yields fewer
+    samples (cut short at a member boundary, which tar readers take for its end)
+    is an error under the ``raise`` policy and is counted as ``ShortShard`` otherwise.
+    """
+    position = -1
     streams = {name: iter_shard(path, handler) for name, path in sidecars.items()}
     sentinel = object()
     for position, (sample, *others) in enumerate(
         zip_longest(iter_shard(source, handler), *streams.values(), fillvalue=sentinel)
     ):
         if sample is sentinel:
-            raise ShardMismatchError(f"{source.name}: a sidecar has more samples than the source ({position}+)")
+            raise ShardMismatchError(
+                f"{source.name}: a sidecar has more samples than the source ({position}+)"
+            )
         merged = dict(sample)
         for name, other in zip(streams, others, strict=True):
             if other is sentinel:
@@ -91,9 +99,21 @@ def iter_aligned_shard(
                 if field != "__key__":
                     merged[field] = value
         yield merged
+    if expected is not None and position + 1 != expected:
+        error = ShardMismatchError(
+            f"{source}: yielded {position + 1} samples, its manifest says {expected}"
+            " (truncated or corrupt: run synesthesia inspect --verify)"
+        )
+        if handler is None or handler.policy == "raise":
+            raise error
+        handler.counts["ShortShard"] += 1
+        if handler.policy == "warn":
+            logger.warning("%s", error)
 
 
-def aligned_shards(source_dir: str | Path, sidecar_dirs: dict[str, str | Path], split: str) -> list[tuple[Path, dict]]:
+def aligned_shards(
+    source_dir: str | Path, sidecar_dirs: dict[str, str | Path], split: str
+) -> list[tuple[Path, dict]]:
     """(source shard, {sidecar name: shard}) per shard index, checked against the manifests."""
     source_dir = Path(source_dir)
     src_manifest = Manifest.read(source_dir)
@@ -103,7 +123,9 @@ def aligned_shards(source_dir: str | Path, sidecar_dirs: dict[str, str | Path], 
         manifest = Manifest.read(directory)
         side = manifest.splits.get(split, [])
         if len(side) != len(src):
-            raise ShardMismatchError(f"sidecar {name} has {len(side)} {split} shards, the source has {len(src)}")
+            raise ShardMismatchError(
+                f"sidecar {name} has {len(side)} {split} shards, the source has {len(src)}"
+            )
         for (_, mapping), info, src_info in zip(pairs, side, src, strict=True):
             if info.samples != src_info.samples:
                 raise ShardMismatchError(
@@ -122,7 +144,8 @@ def iter_aligned(
 ) -> Iterator[dict[str, Any]]:
     """All samples of ``split`` with their sidecars' fields merged in, shard by shard."""
     pairs = aligned_shards(source_dir, sidecar_dirs or {}, split)
+    counts = [info.samples for info in Manifest.read(source_dir).splits.get(split, [])]
     indices = range(len(pairs)) if shard_indices is None else shard_indices
     for i in indices:
         source, sidecars = pairs[i]
-        yield from iter_aligned_shard(source, sidecars, handler)
+        yield from iter_aligned_shard(source, sidecars, handler, expected=counts[i])

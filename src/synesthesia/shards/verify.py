@@ -18,7 +18,12 @@ def find_sets(path: str | Path) -> list[Path]:
         raise UserError(f"no such path: {path}")
     if (path / MANIFEST).is_file():
         return [path]
-    sets = sorted(p.parent for p in path.rglob(MANIFEST))
+    # Hidden folders are sets being written or replaced (``.source-*.tmp``, ``.source.old-*``).
+    sets = sorted(
+        p.parent
+        for p in path.rglob(MANIFEST)
+        if not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not sets:
         raise UserError(f"no shard set (no {MANIFEST}) at or below {path}")
     return sets
@@ -32,16 +37,26 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "path": str(directory),
         "kind": m.kind,
         "dataset": m.dataset,
-        "splits": {split: {"shards": len(shards), "samples": m.count(split)} for split, shards in m.splits.items()},
+        "splits": {
+            split: {"shards": len(shards), "samples": m.count(split)} for split, shards in m.splits.items()
+        },
         "bytes": sum(s.bytes for shards in m.splits.values() for s in shards),
         "skipped": m.skipped,
     }
     if "modalities" in m.extra:
         info["modalities"] = m.extra["modalities"]
+    if "num_classes" in m.extra:
+        info["num_classes"] = m.extra["num_classes"]
     if m.generator:
-        info["generator"] = {k: m.generator.get(k) for k in ("name", "class", "modality", "mode", "weights_sha256")}
+        info["generator"] = {
+            k: m.generator.get(k) for k in ("name", "class", "modality", "mode", "weights_sha256")
+        }
     if m.latent_spec:
         info["latent_spec"] = m.latent_spec
+    if m.channel_stats:
+        info["channel_stats"] = m.channel_stats
+    if m.config_hash:
+        info["config_hash"] = m.config_hash
     return info
 
 

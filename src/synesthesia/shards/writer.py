@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
-from synesthesia.shards.schema import MANIFEST, SCHEMA_VERSION, check_key, shard_name
+from synesthesia.shards.schema import KINDS, MANIFEST, SCHEMA_VERSION, SchemaError, check_key, shard_name
 from synesthesia.utils import atomic_path, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -31,16 +31,41 @@ class ShardInfo:
     sha256: str
 
 
+def check_sample(sample: dict[str, Any]) -> None:
+    """Raise SchemaError unless ``sample`` is ``__key__`` plus ``field -> bytes`` with valid names."""
+    check_key(sample.get("__key__"))
+    for name, value in sample.items():
+        if name == "__key__":
+            continue
+        if not name or name.startswith((".", "_")) or "/" in name or not name.isascii():
+            raise SchemaError(f"sample {sample['__key__']}: bad field name {name!r}", "bad_field")
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise SchemaError(
+                f"sample {sample['__key__']}: field {name} is {type(value).__name__}, not bytes", "bad_field"
+            )
+
+
 def write_shard(path: str | Path, samples: list[dict[str, Any]]) -> ShardInfo:
-    """Write ``samples`` (``__key__`` plus ``field -> bytes``) as one tar shard, atomically."""
+    """Write ``samples`` (``__key__`` plus ``field -> bytes``) as one tar shard, atomically.
+
+    Members are ``<key>.<field>`` in sample order and, within a sample, sorted by
+    field name; mtime is 0, owner/group ``synesthesia``, mode 0444, USTAR format,
+    so the same samples always give the same bytes. Samples are checked before
+    anything is written; a bad one raises SchemaError and no file appears.
+    """
     path = Path(path)
+    keys = set()
+    for sample in samples:
+        check_sample(sample)
+        if sample["__key__"] in keys:
+            raise SchemaError(f"duplicate key {sample['__key__']!r} in one shard", "duplicate_key")
+        keys.add(sample["__key__"])
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         writer = wds.TarWriter(fh, user="synesthesia", group="synesthesia", mtime=0, encoder=False)
         for sample in samples:
-            check_key(sample["__key__"])
             writer.write(sample)
         writer.close()
-    return ShardInfo(name=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=sha256_file(path))
+    return shard_info(path, len(samples))
 
 
 def shard_info(path: str | Path, samples: int) -> ShardInfo:
@@ -77,17 +102,33 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: str | Path) -> Manifest:
+        """Read ``directory/manifest.json``; a missing, corrupt or foreign manifest is a UserError."""
         from synesthesia import UserError
 
         path = Path(directory) / MANIFEST
         if not path.is_file():
             raise UserError(f"no {MANIFEST} in {directory}: not a complete shard set")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a manifest is a JSON object")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{path}: schema version {data.get('schema_version')} is not {SCHEMA_VERSION}")
         data.pop("counts", None)
-        data["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in data["splits"].items()}
-        return cls(**data)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"{path}: unknown manifest key {unknown[0]!r}")
+        try:
+            data["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in data.get("splits", {}).items()}
+            manifest = cls(**data)
+        except (TypeError, AttributeError) as exc:
+            raise UserError(f"{path}: malformed manifest ({exc})") from None
+        if manifest.kind not in KINDS:
+            raise UserError(f"{path}: unknown set kind {manifest.kind!r}; valid: {', '.join(KINDS)}")
+        return manifest
 
     def count(self, split: str) -> int:
         return sum(s.samples for s in self.splits.get(split, []))
@@ -108,7 +149,12 @@ class SplitWriter:
         self.skipped: Counter[str] = Counter()
 
     def add(self, sample: dict[str, Any]) -> bool:
-        """Queue a sample; a duplicate key is skipped, counted and warned about. Returns whether kept."""
+        """Queue a sample; a duplicate key is skipped, counted and warned about. Returns whether kept.
+
+        A malformed sample (bad key, non-bytes field) raises SchemaError here, before
+        it can spoil a shard.
+        """
+        check_sample(sample)
         key = sample["__key__"]
         if key in self.keys:
             self.skipped["duplicate_key"] += 1

@@ -1,0 +1,95 @@
+"""The ablation grid: student method × privileged source × seed, and its results file.
+
+The image-only baseline (``ce``) sees no privileged data, so it is run once per
+seed with source ``none``; every other method is crossed with every privileged
+source that is not ``none``. Teachers are trained once per source (with the
+pipeline seed) and shared by all the cells of that source: student seeds vary
+the student's initialisation and data order, not the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from synesthesia import UserError
+from synesthesia.config import AblateConfig
+
+SOURCES = ("none", "decoded", "latent", "real")
+RESULTS = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell; ``name`` is its stable identifier in results.jsonl and on disk."""
+
+    method: str
+    source: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.source}-s{self.seed}"
+
+
+def expand(cfg: AblateConfig) -> list[Cell]:
+    """The cells of a grid, in a fixed order (methods, then sources, then seeds)."""
+    unknown = [s for s in cfg.sources if s not in SOURCES]
+    if unknown:
+        raise UserError(f"unknown privileged source {unknown[0]!r}; valid: {', '.join(SOURCES)}")
+    if not cfg.seeds:
+        raise UserError("ablate.seeds is empty")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UserError(f"ablate.seeds has duplicates: {cfg.seeds}")
+    cells = []
+    for method in cfg.methods:
+        sources = ["none"] if method == "ce" else [s for s in cfg.sources if s != "none"]
+        for source in sources:
+            for seed in cfg.seeds:
+                cells.append(Cell(method, source, seed))
+    return cells
+
+
+def teacher_sources(cells: list[Cell]) -> list[str]:
+    """The privileged sources that need a teacher, in grid order."""
+    seen: list[str] = []
+    for cell in cells:
+        if cell.source != "none" and cell.source not in seen:
+            seen.append(cell.source)
+    return seen
+
+
+def read_results(out_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Completed cells by name (the last row wins; a torn last line from a kill is ignored)."""
+    path = Path(out_dir) / RESULTS
+    rows: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "cell" in row:
+            rows[row["cell"]] = row
+    return rows
+
+
+def append_result(out_dir: str | Path, cell: Cell, row: dict[str, Any]) -> dict[str, Any]:
+    """Append one finished cell to results.jsonl (one line, flushed and fsynced)."""
+    import os
+
+    path = Path(out_dir) / RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = {"cell": cell.name, **asdict(cell), **row}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(full, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return full
+
+
+def pending(cells: list[Cell], done: dict[str, dict[str, Any]]) -> list[Cell]:
+    return [c for c in cells if c.name not in done]

@@ -1,0 +1,90 @@
+import json
+import math
+
+import pytest
+
+from synesthesia import UserError
+from synesthesia.ablate.grid import Cell, append_result, expand, pending, read_results, teacher_sources
+from synesthesia.ablate.report import aggregate, summary_markdown, write_plots, write_summary
+from synesthesia.config import AblateConfig
+
+
+def test_grid_expansion_crosses_methods_sources_seeds():
+    cells = expand(AblateConfig(methods=["ce", "kd", "messy"], sources=["none", "latent", "real"], seeds=[0, 1, 2]))
+    assert [c for c in cells if c.method == "ce"] == [Cell("ce", "none", s) for s in (0, 1, 2)]
+    assert len(cells) == 3 + 2 * 2 * 3
+    assert len({c.name for c in cells}) == len(cells)
+    assert teacher_sources(cells) == ["latent", "real"]
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (AblateConfig(sources=["latnet"]), "unknown privileged source"),
+        (AblateConfig(seeds=[]), "empty"),
+        (AblateConfig(seeds=[1, 1]), "duplicates"),
+    ],
+)
+def test_grid_mistakes(cfg, message):
+    with pytest.raises(UserError, match=message):
+        expand(cfg)
+
+
+def test_resume_skips_completed_cells_and_torn_lines(tmp_path):
+    cells = expand(AblateConfig(methods=["ce", "kd"], sources=["none", "latent"], seeds=[0, 1]))
+    append_result(tmp_path, cells[0], {"test_acc": 0.5})
+    append_result(tmp_path, cells[1], {"test_acc": 0.6})
+    with open(tmp_path / "results.jsonl", "a") as fh:
+        fh.write('{"cell": "kd-latent-s0", "test_ac')  # killed mid-write
+    done = read_results(tmp_path)
+    assert set(done) == {cells[0].name, cells[1].name}
+    assert pending(cells, done) == cells[2:]
+
+
+def fake_rows():
+    rows = []
+    for seed, (ce, kd, messy) in enumerate([(0.50, 0.55, 0.60), (0.52, 0.57, 0.58), (0.48, 0.56, 0.62)]):
+        common = {"seed": seed, "train_seconds": 10.0, "samples_per_s": 100.0, "command": f"cmd {seed}"}
+        rows.append({"method": "ce", "source": "none", "test_acc": ce, "val_acc": ce, "teacher_acc": None, **common})
+        rows.append({"method": "kd", "source": "latent", "test_acc": kd, "val_acc": kd, "teacher_acc": 0.8, **common})
+        rows.append(
+            {
+                "method": "messy",
+                "source": "latent",
+                "test_acc": messy,
+                "val_acc": messy,
+                "teacher_acc": 0.8,
+                "stage1_s_per_sample": 0.01,
+                "stage1_bytes_per_sample": 4096,
+                "loss_curves": {"messy/l4/depth": [1.0, 0.5, 0.25], "ce": [2.0, 1.0]},
+                **common,
+            }
+        )
+    return rows
+
+
+def test_aggregate_mean_std_and_gap_closed():
+    summary = {(r["method"], r["source"]): r for r in aggregate(fake_rows())}
+    messy = summary[("messy", "latent")]
+    assert messy["n"] == 3
+    assert messy["test_mean"] == pytest.approx(0.60)
+    assert messy["test_std"] == pytest.approx(0.02)
+    assert messy["gap_closed"] == pytest.approx((0.60 - 0.50) / (0.8 - 0.50))
+    assert math.isnan(summary[("ce", "none")]["gap_closed"])
+
+
+def test_summary_bolds_best_per_source_and_lists_commands(tmp_path):
+    text = summary_markdown(aggregate(fake_rows()), "t")
+    assert "| messy | latent | 3 | **60.00 ± 2.00**" in text
+    assert "| kd | latent | 3 | 56.00" in text
+    assert "`cmd 0`" in text
+    path = write_summary(tmp_path, fake_rows(), "t")
+    assert path.read_text() == text
+
+
+def test_plots_are_written(tmp_path):
+    paths = write_plots(tmp_path, fake_rows())
+    assert [p.name for p in paths] == ["accuracy.png", "cost.png", "messy_layers.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps([str(p) for p in paths])
