@@ -42,7 +42,7 @@ class ScenesConfig:
     # the target is scaled by (L / 0.6 m)^ambiguity, so apparent size goes as L^(1 - ambiguity);
     # material: colours are mixed with a draw shared by all materials in this proportion
     # (0: colour and scale tell the label; 1: RGB holds neither). See sources/scenes.py.
-    ambiguity: float = 0.6
+    ambiguity: float = 0.4
     clutter: int = 3  # at most this many background objects (1..clutter per scene)
     lidar_dropout: float = 0.05  # probability a return is lost (x3 on dark surfaces)
     lidar_noise: float = 0.02  # range noise sigma in metres (+ 0.2 % of the range)
@@ -137,7 +137,7 @@ class BootstrapConfig:
     precision: str = "no"  # no | bf16 | fp16 (accelerate mixed precision)
     device: str = "auto"  # auto | cpu | cuda
     encode_batch_size: int = 64
-    work_dir: str = "runs/bootstrap"  # checkpoints, latent cache and logs (git-ignored)
+    work_dir: str = "runs/bootstrap"  # checkpoints and tracker logs (git-ignored)
     save_every: int = 500  # steps between checkpoints; 0: none
     resume: bool = True  # resume from the latest checkpoint of an identical run
     log_every: int = 50

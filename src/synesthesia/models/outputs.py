@@ -14,15 +14,22 @@ class TeacherOutput:
     ``hidden_states[l]`` is the (B, N, D) token sequence after block ``l``;
     ``spans[m]`` is the (start, end) slice of modality ``m``'s tokens in it
     (``spans["rgb"]`` the RGB patches; the CLS token is index 0).
+    ``present[m]`` is a (B,) bool mask: True where modality ``m``'s real tokens
+    were used, False where its null tokens stood in (missing or dropped).
     """
 
     logits: torch.Tensor
     hidden_states: list[torch.Tensor]
     spans: dict[str, tuple[int, int]]
+    present: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def modality_tokens(self, layer: int, modality: str) -> torch.Tensor:
         start, end = self.spans[modality]
         return self.hidden_states[layer][:, start:end]
+
+    def modality_feature(self, layer: int, modality: str) -> torch.Tensor:
+        """(B, D): the mean of modality ``m``'s tokens after block ``layer`` (MESSy's target)."""
+        return self.modality_tokens(layer, modality).mean(dim=1)
 
     def cls(self, layer: int = -1) -> torch.Tensor:
         return self.hidden_states[layer][:, 0]

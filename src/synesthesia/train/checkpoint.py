@@ -1,0 +1,139 @@
+"""Run folders, accelerate checkpoints with a ``latest`` pointer, and the selected (``best/``) weights.
+
+A run folder ``<out>/<pipeline name>/<run name>/`` holds::
+
+    config.json              the resolved pipeline config (config.write_resolved)
+    checkpoints/step-N/      accelerator.save_state: model, optimizer, scheduler, TrainState, RNG,
+                             and best/ as it was then (a checkpoint is whole)
+    checkpoints/latest       the name of the newest complete checkpoint (written after it)
+    best/model.safetensors   the weights selected on val, with best/model.json to rebuild the model
+    metrics.json             val history, the selection, the test split (evaluated once, at the end)
+    logs/                    tracker output (jsonl by default)
+    export/                  students only: the deployable model (see synesthesia.train.export)
+
+Resuming reads ``checkpoints/latest``; folder names are never parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from synesthesia import UserError
+from synesthesia.utils import atomic_write_text
+
+LATEST = "latest"
+
+
+def default_run_name(cfg) -> str:
+    """``teacher-<source>-s<seed>`` for the teacher, ``<method>-<source>-s<seed>`` for a student."""
+    head = "teacher" if cfg.train.stage == "teacher" else cfg.method.name
+    return f"{head}-{cfg.train.source}-s{cfg.train.seed}"
+
+
+def run_dir(cfg, out: str | Path = "runs") -> Path:
+    """Where ``synesthesia train`` writes a run: ``<out>/<pipeline name>/<train.run_name or default>``."""
+    return Path(out) / cfg.name / (cfg.train.run_name or default_run_name(cfg))
+
+
+def teacher_dir(cfg, out: str | Path = "runs") -> Path:
+    """The teacher run a student distils from: ``train.teacher``, else ``<out>/<name>/teacher-<source>-s<seed>``."""
+    if cfg.train.teacher:
+        return Path(cfg.train.teacher)
+    return Path(out) / cfg.name / f"teacher-{cfg.train.source}-s{cfg.train.seed}"
+
+
+@dataclass
+class TrainState:
+    """Loop counters and the model-selection record, saved with every checkpoint.
+
+    ``epoch``: the epoch being trained; ``batch``: micro-batches of it already
+    done; ``step``: optimizer steps done in all; ``best``: the val record of the
+    selected weights; ``history``: one val record per epoch.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"json": json.dumps(asdict(self))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        data = json.loads(state["json"])
+        for key, value in data.items():
+            setattr(self, key, value)
+
+
+def checkpoint_path(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step}"
+
+
+def mark_latest(run: Path, checkpoint: Path, keep: int) -> None:
+    """Point ``checkpoints/latest`` at ``checkpoint`` and delete all but the ``keep`` newest (0: keep all)."""
+    folder = run / "checkpoints"
+    history_file = folder / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    history = [name for name in history if name != checkpoint.name] + [checkpoint.name]
+    atomic_write_text(folder / LATEST, checkpoint.name + "\n")
+    if keep > 0:
+        for name in history[:-keep]:
+            shutil.rmtree(folder / name, ignore_errors=True)
+        history = history[-keep:]
+    atomic_write_text(history_file, json.dumps(history) + "\n")
+
+
+def find_checkpoint(resume: str | Path, run: Path) -> Path:
+    """The checkpoint to resume from: ``latest`` of ``run``, a run folder, or a checkpoint folder."""
+    if str(resume) in ("", "latest", "auto"):
+        candidate = run
+    else:
+        candidate = Path(resume)
+    if (candidate / "checkpoints" / LATEST).is_file():
+        name = (candidate / "checkpoints" / LATEST).read_text().strip()
+        candidate = candidate / "checkpoints" / name
+    if (
+        not candidate.is_dir()
+        or not any(candidate.glob("*.safetensors"))
+        and not any(candidate.glob("*.bin"))
+    ):
+        raise UserError(f"no checkpoint to resume from at {candidate}")
+    return candidate
+
+
+def save_weights(model: torch.nn.Module, config: dict[str, Any], folder: Path) -> None:
+    """``model.safetensors`` (the state dict, contiguous) and ``model.json`` (what rebuilds it).
+
+    Keys keep their order: a teacher's modality order is its token order.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_text(folder / "model.json", json.dumps(config, indent=2) + "\n")
+
+
+def copy_best(source: Path, target: Path) -> None:
+    """Replace ``target`` by a copy of the selected weights in ``source`` (nothing when there are none)."""
+    if not (source / "model.safetensors").is_file():
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def load_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and config written by :func:`save_weights`."""
+    weights, config = folder / "model.safetensors", folder / "model.json"
+    if not weights.is_file() or not config.is_file():
+        raise UserError(f"{folder} has no model.safetensors and model.json (is it a finished run?)")
+    return load_file(str(weights)), json.loads(config.read_text())

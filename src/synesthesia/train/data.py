@@ -1,0 +1,618 @@
+"""Stage-two data: source shards zipped with their sidecars, split over ranks and workers.
+
+One epoch is one pass over a split. Its order is a pure function of
+``(seed, epoch)``: the shard order is permuted with that seed, the resulting
+global sample sequence is cut into ``world`` contiguous blocks whose sizes
+differ by at most one (rank ``r`` takes block ``r``; a block may start or end
+inside a shard, whose other samples are read past but not decoded), and each
+rank's block is split into pieces over its DataLoader workers. So every sample
+is seen exactly once per epoch across ranks, whatever the shard count, and a
+rank reads about ``1/world`` of the bytes.
+
+Batching happens in the main process, after the workers' streams are merged,
+so the number of batches per epoch is fixed and identical on every rank
+(:meth:`ShardLoader.steps_per_epoch`, from the manifests' sample counts; a
+rank with one sample fewer gets a last batch one smaller). Collective ops
+therefore never wait on a rank that ran out. The DataLoader is kept out of
+``accelerator.prepare``: accelerate's default for an iterable dataset
+(``dispatch_batches``) would read everything on rank 0 and scatter it.
+
+Per sample (in the workers): the RGB image is decoded and augmented (train:
+random resized crop and horizontal flip, torchvision ``transforms.v2``; eval:
+resize and centre crop), normalised with the ImageNet statistics; each
+latent is standardised per channel with its sidecar manifest's
+``channel_stats`` (``(z - mean_c) / std_c``), and when the generator wrote
+``S`` samples per input one of them is drawn. The draw and the augmentation are
+seeded by ``(seed, epoch, key)``, so they do not depend on which rank or worker
+reads the sample, and a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
+
+from synesthesia import UserError
+from synesthesia.generators.base import key_seed
+from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, aligned_shards
+from synesthesia.shards.schema import SchemaError, decode_npy, decoded_field, image_field, latent_field
+from synesthesia.shards.writer import Manifest
+from synesthesia.sources.signals import decode_image
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCES = ("none", "latent", "decoded", "real")
+# Which generator mode feeds each privileged source when train.latent_sets does not say.
+_SOURCE_MODE = {"latent": "generate", "decoded": "generate", "real": "encode"}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_shard(path: Path, handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
+    """The raw samples of one tar shard, in order.
+
+    Read with no node or worker splitter: the shard was chosen for this rank
+    and worker explicitly (webdataset's defaults would refuse a distributed run,
+    or give a worker other than the first nothing to read).
+    """
+    dataset = wds.WebDataset(
+        str(path),
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        handler=handler,
+        empty_check=False,
+    )
+    for sample in dataset:
+        sample.pop("__url__", None)
+        sample.pop("__local_path__", None)
+        yield sample
+
+
+def read_aligned(source: Path, sidecars: dict[str, Path], handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
+    """One source shard's samples with the same-index sidecar shards' fields merged in (keys checked)."""
+    streams = {name: read_shard(path, handler) for name, path in sidecars.items()}
+    for position, sample in enumerate(read_shard(source, handler)):
+        merged = dict(sample)
+        for name, stream in streams.items():
+            other = next(stream, None)
+            if other is None or other["__key__"] != sample["__key__"]:
+                found = "nothing" if other is None else repr(other["__key__"])
+                raise ShardMismatchError(
+                    f"sidecar {name} shard {sidecars[name].name} sample {position}: {found}"
+                    f" where the source has {sample['__key__']!r}"
+                )
+            merged.update((k, v) for k, v in other.items() if k != "__key__")
+        yield merged
+    for name, stream in streams.items():
+        if next(stream, None) is not None:
+            raise ShardMismatchError(
+                f"sidecar {name} shard {sidecars[name].name} has more samples than its source"
+            )
+
+
+# ----------------------------------------------------------------------------- sets
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """One privileged modality's sidecar set and what is needed to read it."""
+
+    modality: str
+    directory: Path
+    kind: str  # latent | decoded
+    spec: dict[str, Any]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def field(self) -> str:
+        return latent_field(self.modality) if self.kind == "latent" else decoded_field(self.modality)
+
+    @property
+    def samples_per_input(self) -> int:
+        return int(self.spec.get("samples_per_input", 1) or 1)
+
+    def teacher_spec(self) -> dict[str, Any]:
+        """What the teacher's adapter for this modality needs: kind, shape (and vocab for codes)."""
+        if self.kind == "decoded":
+            return {"kind": "decoded", "shape": list(self.spec["shape"])}
+        out = {"kind": self.spec["kind"], "shape": list(self.spec["shape"])}
+        vocab = self.spec.get("vocab") or (self.spec.get("extra") or {}).get("vocab")
+        if vocab is not None:
+            out["vocab"] = int(vocab)
+        return out
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A source set, its sidecars for the privileged source, and what the models need to know."""
+
+    source_dir: Path
+    sidecars: dict[str, Sidecar]
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def teacher_modalities(self) -> dict[str, dict[str, Any]]:
+        return {m: s.teacher_spec() for m, s in self.sidecars.items()}
+
+
+def _generator_modality(manifest: Manifest) -> str | None:
+    gen = manifest.generator or {}
+    return gen.get("modality") or (gen.get("config") or {}).get("modality")
+
+
+def _find_set(root: Path, kind_dir: str, modality: str, source: str) -> Path:
+    """The only sidecar set under ``root/kind_dir`` for ``modality`` of the source's generator mode."""
+    base = root / kind_dir
+    candidates = []
+    for manifest_path in sorted(base.glob("*/manifest.json")) if base.is_dir() else []:
+        manifest = Manifest.read(manifest_path.parent)
+        if _generator_modality(manifest) != modality:
+            continue
+        mode = (manifest.generator or {}).get("mode")
+        if mode is not None and mode != _SOURCE_MODE[source]:
+            continue
+        candidates.append(manifest_path.parent)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise UserError(
+            f"no {kind_dir} sidecar set for {modality} ({_SOURCE_MODE[source]} mode) under {base}; "
+            f"run `synesthesia shard` first or set train.latent_sets.{modality}"
+        )
+    names = ", ".join(p.name for p in candidates)
+    raise UserError(
+        f"several {kind_dir} sidecar sets for {modality} under {base} ({names}); set train.latent_sets.{modality}"
+    )
+
+
+def resolve_sidecar(root: Path, modality: str, source: str, set_name: str | None) -> Sidecar:
+    """The sidecar feeding ``modality`` for privileged source ``source``.
+
+    ``train.latent_sets[modality]`` names the set; without it, the one set whose
+    generator has this modality and the source's mode (``generate`` for latent
+    and decoded, ``encode`` for real) is used, e.g. ``latents/latent-diffusion-depth``
+    for ``latent`` and ``latents/tae-depth`` for ``real``.
+    """
+    kind = "decoded" if source == "decoded" else "latent"
+    kind_dir = "decoded" if kind == "decoded" else "latents"
+    directory = root / kind_dir / set_name if set_name else _find_set(root, kind_dir, modality, source)
+    manifest = Manifest.read(directory)
+    if manifest.kind != kind:
+        raise UserError(f"{directory} is a {manifest.kind} set, train.source={source} needs a {kind} set")
+    spec = dict(manifest.latent_spec or {})
+    if kind == "decoded":
+        spec = {"shape": list((manifest.extra or {}).get("shape") or spec.get("decoded_shape") or [])}
+    elif not spec.get("shape"):
+        raise UserError(f"{directory}/manifest.json has no latent_spec.shape")
+    mean = std = None
+    stats = manifest.channel_stats
+    if kind == "latent" and spec.get("kind") != "codes":
+        if not stats or "mean" not in stats or "std" not in stats:
+            raise UserError(f"{directory}/manifest.json has no channel_stats to standardise the latents with")
+        mean = tuple(float(v) for v in stats["mean"])
+        std = tuple(max(float(v), 1e-6) for v in stats["std"])
+    return Sidecar(modality, directory, kind, spec, mean, std)
+
+
+def _first_sample(source_dir: Path, sidecars: dict[str, Sidecar]) -> dict[str, Any]:
+    pairs = aligned_shards(source_dir, {m: s.directory for m, s in sidecars.items()}, "train")
+    if not pairs:
+        raise UserError(f"{source_dir} has no train shards")
+    source, side = pairs[0]
+    return next(read_aligned(source, side, ErrorPolicy("raise")))
+
+
+def resolve_data(cfg) -> DataSpec:
+    """Find the source set and sidecars a pipeline config trains on (``<train.shards>/<dataset>/``)."""
+    train = cfg.train
+    if train.source not in SOURCES:
+        raise UserError(f"unknown train.source {train.source!r}; valid: {', '.join(SOURCES)}")
+    root = Path(train.shards) / cfg.dataset
+    source_dir = root / "source"
+    if not (source_dir / "manifest.json").is_file():
+        raise UserError(
+            f"no source shards at {source_dir}; run `synesthesia render` or `synesthesia ingest` first"
+        )
+    manifest = Manifest.read(source_dir)
+    extra = manifest.extra or {}
+    if "num_classes" not in extra:
+        raise UserError(f"{source_dir}/manifest.json has no extra.num_classes")
+    sidecars: dict[str, Sidecar] = {}
+    if train.source != "none":
+        unknown = sorted(set(train.latent_sets) - set(train.modalities))
+        if unknown:
+            raise UserError(f"train.latent_sets names {unknown[0]}, which is not in train.modalities")
+        for modality in train.modalities:
+            sidecars[modality] = resolve_sidecar(
+                root, modality, train.source, train.latent_sets.get(modality)
+            )
+    probed = 0
+    needs_probe = train.image_size <= 0 and not extra.get("image_size")
+    needs_probe |= any(s.kind == "decoded" and not s.spec.get("shape") for s in sidecars.values())
+    if needs_probe:
+        sample = _first_sample(source_dir, sidecars)
+        for m, s in list(sidecars.items()):
+            if s.kind == "decoded" and not s.spec.get("shape"):
+                shape = list(decode_npy(sample[s.field]).shape)
+                sidecars[m] = Sidecar(m, s.directory, s.kind, {"shape": shape}, s.mean, s.std)
+        probed = min(decode_image(sample[image_field(sample)]).shape[:2])
+    image_size = train.image_size if train.image_size > 0 else int(extra.get("image_size") or probed)
+    num_classes = int(extra["num_classes"])
+    names = list(extra.get("class_names") or [str(i) for i in range(num_classes)])
+    counts = {split: manifest.count(split) for split in manifest.splits}
+    return DataSpec(source_dir, sidecars, num_classes, names, image_size, counts)
+
+
+# ----------------------------------------------------------------------------- epoch plan
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) & 0xFFFF_FFFF_FFFF_FFFF for p in parts])
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(num_shards))
+    return [int(i) for i in _rng(seed, epoch, 0x5EED).permutation(num_shards)]
+
+
+def rank_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous block [start, stop) of ``total`` samples; sizes differ by at most 1."""
+    return (rank * total) // world, ((rank + 1) * total) // world
+
+
+def rank_pieces(counts: list[int], order: list[int], rank: int, world: int) -> list[tuple[int, int, int]]:
+    """The (shard index, first sample, stop sample) pieces of rank ``rank``'s block of an epoch."""
+    start, stop = rank_bounds(sum(counts), rank, world)
+    pieces, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(stop, offset + counts[shard])
+        if lo < hi:
+            pieces.append((shard, lo - offset, hi - offset))
+        offset += counts[shard]
+    return pieces
+
+
+def worker_pieces(
+    pieces: list[tuple[int, int, int]], worker: int, workers: int
+) -> list[tuple[int, int, int]]:
+    """Worker ``worker``'s share of a rank's pieces: whole pieces round-robin, or, when there
+    are fewer pieces than workers, equal sample ranges of them."""
+    if len(pieces) >= workers:
+        return pieces[worker::workers]
+    flat = [(shard, i) for shard, lo, hi in pieces for i in range(lo, hi)]
+    lo, hi = rank_bounds(len(flat), worker, workers)
+    mine = flat[lo:hi]
+    out: list[tuple[int, int, int]] = []
+    for shard, i in mine:
+        if out and out[-1][0] == shard and out[-1][2] == i:
+            out[-1] = (shard, out[-1][1], i + 1)
+        else:
+            out.append((shard, i, i + 1))
+    return out
+
+
+def batch_sizes(num_samples: int, steps: int, batch_size: int) -> list[int]:
+    """``steps`` batch sizes summing to ``num_samples``: full batches, the shortfall taken from the end."""
+    sizes = [batch_size] * steps
+    deficit = steps * batch_size - num_samples
+    i = steps - 1
+    while deficit > 0 and i >= 0:
+        take = min(deficit, sizes[i] - 1)
+        sizes[i] -= take
+        deficit -= take
+        i -= 1
+    return sizes
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def rgb_transform(image_size: int, train: bool) -> v2.Compose:
+    """Train: random resized crop (scale 0.35-1) and horizontal flip; eval: resize and centre crop."""
+    if train:
+        geometry = [
+            v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose(
+        [*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+
+
+class SampleDecoder:
+    """Raw merged sample (``field -> bytes``) → tensors; bad samples raise SchemaError."""
+
+    def __init__(self, sidecars: dict[str, Sidecar], image_size: int, augment: bool, seed: int):
+        self.sidecars = sidecars
+        self.augment = augment
+        self.seed = seed
+        self.transform = rgb_transform(image_size, augment)
+        self.stats = {
+            m: (
+                torch.tensor(s.mean, dtype=torch.float32),
+                torch.tensor(s.std, dtype=torch.float32),
+            )
+            for m, s in sidecars.items()
+            if s.mean is not None
+        }
+
+    def _standardise(self, sidecar: Sidecar, x: torch.Tensor) -> torch.Tensor:
+        if sidecar.modality not in self.stats:
+            return x
+        mean, std = self.stats[sidecar.modality]
+        if mean.numel() != x.shape[0 if sidecar.spec["kind"] == "spatial" else -1]:
+            raise SchemaError(
+                f"{sidecar.modality}: {mean.numel()} channel stats for a latent of shape {list(x.shape)}"
+            )
+        if sidecar.spec["kind"] == "spatial":  # C×h×w: channel first
+            return (x - mean.view(-1, *([1] * (x.ndim - 1)))) / std.view(-1, *([1] * (x.ndim - 1)))
+        return (x - mean) / std  # tokens T×C: channel last
+
+    def __call__(self, raw: dict[str, Any], epoch: int) -> dict[str, Any]:
+        key = raw["__key__"]
+        rng = _rng(key_seed(key, self.seed), epoch)
+        try:
+            label = int(raw["cls"].decode().strip())
+        except (KeyError, ValueError, AttributeError):
+            raise SchemaError(f"sample {key!r}: missing or bad cls") from None
+        image = torch.from_numpy(np.array(decode_image(raw[image_field(raw)]))).permute(2, 0, 1)
+        if self.augment:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(rng.integers(2**62)))
+                rgb = self.transform(image)
+        else:
+            rgb = self.transform(image)
+        latents, decoded, present = {}, {}, {}
+        for m, sidecar in self.sidecars.items():
+            if sidecar.field not in raw:
+                raise SchemaError(f"sample {key!r}: no {sidecar.field} in {sidecar.directory.name}")
+            # stage one keeps a sample it could not process with a zero latent and a flag: the
+            # modality is then missing for this sample (the teacher puts its null tokens there)
+            present[m] = f"{m}.flag.txt" not in raw
+            array = decode_npy(raw[sidecar.field], finite=True)
+            shape = tuple(sidecar.spec["shape"])
+            if sidecar.kind == "latent" and sidecar.samples_per_input > 1:
+                if array.ndim != len(shape) + 1:
+                    raise SchemaError(f"sample {key!r}: {m} latent {array.shape} lacks the S dimension")
+                array = array[int(rng.integers(array.shape[0]))]
+            if shape and tuple(array.shape) != shape:
+                raise SchemaError(
+                    f"sample {key!r}: {m} has shape {list(array.shape)}, the manifest says {list(shape)}"
+                )
+            if sidecar.kind == "decoded":
+                decoded[m] = torch.from_numpy(np.array(array, dtype=np.float32))
+            elif sidecar.spec.get("kind") == "codes":
+                latents[m] = torch.from_numpy(np.array(array, dtype=np.int64))
+            elif present[m]:
+                latents[m] = self._standardise(sidecar, torch.from_numpy(np.array(array, dtype=np.float32)))
+            else:
+                latents[m] = torch.zeros(array.shape, dtype=torch.float32)
+        return {
+            "key": key,
+            "rgb": rgb,
+            "label": label,
+            "latents": latents,
+            "decoded": decoded,
+            "present": present,
+        }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Decoded samples → the batch the methods see: rgb, label, latents, decoded, keys, and
+    ``present`` {modality: (B,) bool}, False where stage one flagged the sample's latent."""
+    batch: dict[str, Any] = {
+        "rgb": torch.stack([s["rgb"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "keys": [s["key"] for s in samples],
+        "latents": {m: torch.stack([s["latents"][m] for s in samples]) for m in samples[0]["latents"]},
+    }
+    if samples[0]["decoded"]:
+        batch["decoded"] = {m: torch.stack([s["decoded"][m] for s in samples]) for m in samples[0]["decoded"]}
+    if samples[0]["present"]:
+        batch["present"] = {
+            m: torch.tensor([s["present"][m] for s in samples]) for m in samples[0]["present"]
+        }
+    return batch
+
+
+# ----------------------------------------------------------------------------- dataset and loader
+
+
+class ShardStream(IterableDataset):
+    """The decoded samples of one rank's block of an epoch (this worker's share of it).
+
+    Call :meth:`set_epoch` before creating the DataLoader iterator (workers copy
+    the dataset when the iterator is created).
+    """
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        split: str,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        train: bool = True,
+        augment: bool = True,
+        shuffle_buffer: int = 1000,
+        on_error: str = "warn",
+    ):
+        super().__init__()
+        self.pairs = aligned_shards(
+            spec.source_dir, {m: s.directory for m, s in spec.sidecars.items()}, split
+        )
+        self.counts = [
+            Manifest.read(spec.source_dir).splits[split][i].samples for i in range(len(self.pairs))
+        ]
+        self.rank, self.world, self.seed = rank, world, seed
+        self.train = train
+        self.shuffle_buffer = shuffle_buffer if train else 0
+        self.on_error = on_error
+        self.decoder = SampleDecoder(spec.sidecars, spec.image_size, augment and train, seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def pieces(self, epoch: int) -> list[tuple[int, int, int]]:
+        order = shard_order(len(self.counts), self.seed, epoch, self.train)
+        return rank_pieces(self.counts, order, self.rank, self.world)
+
+    def num_samples(self, rank: int | None = None) -> int:
+        start, stop = rank_bounds(sum(self.counts), self.rank if rank is None else rank, self.world)
+        return stop - start
+
+    def _raw(self, pieces: list[tuple[int, int, int]], handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
+        for shard, lo, hi in pieces:
+            source, sidecars = self.pairs[shard]
+            for i, sample in enumerate(read_aligned(source, sidecars, handler)):
+                if i >= hi:
+                    break
+                if i >= lo:
+                    yield sample
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = worker_pieces(self.pieces(self.epoch), worker, workers)
+        handler = ErrorPolicy(self.on_error)
+        stream: Iterator[dict[str, Any]] = self._raw(mine, handler)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(int(_rng(self.seed, self.epoch, self.rank, worker, 0xB0F).integers(2**62)))
+            stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(stream)
+        for raw in stream:
+            try:
+                yield self.decoder(raw, self.epoch)
+            except SchemaError as exc:
+                handler(exc)
+
+
+class ShardLoader:
+    """Fixed-length epochs of batches for one rank: ``for batch in loader.epoch(e): ...``.
+
+    ``steps_per_epoch`` is the same on every rank: ``ceil(ceil(N / world) / batch_size)``.
+    With ``pad`` (training), a batch left short by skipped bad samples is filled
+    by repeating good ones (counted in ``padded``) so every rank still takes
+    ``steps_per_epoch`` steps; without it (evaluation), nothing is repeated.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        batch_size: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        pad: bool = True,
+    ):
+        if batch_size < 1:
+            raise UserError("train.batch_size must be at least 1")
+        self.stream = stream
+        self.pad = pad
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.padded = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        largest = max(self.stream.num_samples(r) for r in range(self.stream.world))
+        return math.ceil(largest / self.batch_size)
+
+    def _samples(self, epoch: int) -> Iterator[dict[str, Any]]:
+        self.stream.set_epoch(epoch)
+        if self.num_workers == 0:
+            yield from self.stream
+            return
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=max(2, self.batch_size // self.num_workers),
+            generator=torch.Generator().manual_seed(self.stream.seed + epoch),
+        )
+        yield from loader
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch``, the first ``skip`` of them left out (resuming mid-epoch)."""
+        steps = self.steps_per_epoch
+        sizes = batch_sizes(self.stream.num_samples(), steps, self.batch_size)
+        samples = self._samples(epoch)
+        last: list[dict[str, Any]] = []
+        for step, size in enumerate(sizes):
+            chunk = []
+            for sample in samples:
+                chunk.append(sample)
+                if len(chunk) == size:
+                    break
+            if len(chunk) < size and not self.pad:  # evaluation: no collectives per batch, nothing repeated
+                if chunk and step >= skip:
+                    yield collate(chunk)
+                continue
+            if len(chunk) < size:  # bad samples were skipped: repeat good ones, all ranks take `steps` steps
+                pool = chunk or last
+                if not pool:
+                    raise UserError(f"rank {self.stream.rank} has no readable samples in epoch {epoch}")
+                logger.warning(
+                    "epoch %d batch %d: %d samples short (bad samples), padded",
+                    epoch,
+                    step,
+                    size - len(chunk),
+                )
+                self.padded += size - len(chunk)
+                chunk = chunk + [pool[i % len(pool)] for i in range(size - len(chunk))]
+            last = chunk
+            if step >= skip:
+                yield collate(chunk)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+def build_loader(
+    spec: DataSpec, split: str, train_cfg, *, rank: int = 0, world: int = 1, train: bool | None = None
+) -> ShardLoader:
+    """The loader of ``split`` for one rank, configured from ``TrainConfig``."""
+    is_train = split == "train" if train is None else train
+    if spec.counts.get(split, 0) == 0:
+        raise UserError(f"{spec.source_dir} has no {split} samples")
+    stream = ShardStream(
+        spec,
+        split,
+        rank=rank,
+        world=world,
+        seed=train_cfg.seed,
+        train=is_train,
+        augment=train_cfg.augment,
+        shuffle_buffer=train_cfg.shuffle_buffer,
+        on_error=train_cfg.on_error,
+    )
+    return ShardLoader(
+        stream,
+        train_cfg.batch_size,
+        train_cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        pad=is_train,
+    )

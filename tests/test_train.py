@@ -1,0 +1,171 @@
+"""Stage two: teacher → student → export → eval; exact resume; two CPU processes (torchrun, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.stage2_shards import write_tiny_dataset
+
+from synesthesia.cli import main
+from synesthesia.config import load_pipeline
+from synesthesia.models.students import build_student
+from synesthesia.models.teacher import MultimodalTeacher
+from synesthesia.train import load_student, run_dir, train
+from synesthesia.train.loop import state_digest
+
+TINY = [
+    "dataset=tiny",
+    "train.modalities=[depth, audio]",
+    "train.num_workers=0",
+    "train.batch_size=4",
+    "train.warmup_steps=1",
+    "train.lr=0.003",
+    "teacher.dim=16",
+    "teacher.depth=2",
+    "teacher.heads=2",
+    "teacher.tokens_per_modality=2",
+    "student.name=vit_micro_test",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_tiny_dataset(
+        tmp_path_factory.mktemp("shards"), counts={"train": 16, "val": 4, "test": 4}, shard_size=3
+    )
+
+
+def tiny(shards, *overrides):
+    return load_pipeline(None, [*TINY, f"train.shards={shards}", *overrides])
+
+
+def test_teacher_student_export_and_eval(shards, tmp_path, capsys):
+    out = tmp_path / "runs"
+    teacher = train(tiny(shards, "train.stage=teacher", "train.epochs=1"), out)
+    assert set(teacher["test_missing"]) == {"all", "without_depth", "without_audio", "rgb_only"}
+    assert teacher["test"]["samples"] == 4 and len(teacher["history"]) == 1
+    cfg = tiny(shards, "train.stage=student", "method.name=messy", "train.epochs=1")
+    metrics = train(cfg, out)
+    run = run_dir(cfg, out)
+    assert run.name == "messy-latent-s0" and json.loads((run / "metrics.json").read_text())["steps"] == 4
+    assert (run / "logs" / "metrics.jsonl").is_file() and (run / "export" / "README.md").is_file()
+    # the export is the plain student: same parameter count, no heads, same outputs as the selected weights
+    model = load_student(run / "export")
+    plain = build_student(cfg.student, 3, 32)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert not any(
+        "method" in k or "head_" in k for k in load_file(str(run / "export" / "model.safetensors"))
+    )
+    plain.load_state_dict(load_file(str(run / "best" / "model.safetensors")))
+    rgb = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(rgb).logits, plain.eval()(rgb).logits)
+    # synesthesia eval agrees with the test figure in metrics.json
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("name: pipeline\n")
+    assert main(["eval", str(pipeline), *TINY, f"train.shards={shards}", "--model", str(run / "export")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 4 and result["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    # and for the teacher run: every modality, each one missing, RGB only
+    teacher_run = run_dir(tiny(shards, "train.stage=teacher"), out)
+    assert main(["eval", str(pipeline), *TINY, f"train.shards={shards}", "--model", str(teacher_run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == pytest.approx(teacher["test"]["accuracy"])
+    assert result["missing"] == pytest.approx(teacher["test_missing"])
+
+
+def test_resume_gives_the_same_final_weights(shards, tmp_path):
+    # 8 micro-batches of 2 per epoch, 2 per update: 4 updates per epoch; step 3 is mid-epoch 0
+    overrides = ["train.stage=teacher", "train.epochs=2", "train.batch_size=2", "train.grad_accum=2"]
+    overrides += ["train.save_every=3", "train.keep_checkpoints=0", "teacher.adapter_dropout=0.2"]
+    whole = tiny(shards, *overrides)
+    train(whole, tmp_path / "a")
+    first = run_dir(whole, tmp_path / "a")
+    final = first / "checkpoints" / "step-8"
+    assert (first / "checkpoints" / "latest").read_text().strip() == "step-8"
+    resumed_cfg = tiny(shards, *overrides)
+    resumed = train(resumed_cfg, tmp_path / "b", resume=str(first / "checkpoints" / "step-3"))
+    second = run_dir(resumed_cfg, tmp_path / "b")
+    a, b = (
+        load_file(str(final / "model.safetensors")),
+        load_file(str(second / "checkpoints/step-8/model.safetensors")),
+    )
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == json.loads((first / "metrics.json").read_text())["history"]
+    # a different seed gives different weights (the comparison can fail)
+    other = tiny(shards, *overrides, "train.seed=1", "train.save_every=0")
+    train(other, tmp_path / "c")
+    c = load_file(str(run_dir(other, tmp_path / "c") / "checkpoints/step-8/model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_see_each_sample_once_and_agree(tmp_path):
+    # 17 train samples in 4 shards of 5/5/5/2: neither the shard nor the sample count divides by 2
+    shards = write_tiny_dataset(tmp_path / "shards", counts={"train": 17, "val": 3, "test": 3}, shard_size=5)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("name: two\n")
+    out = tmp_path / "runs"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    cmd += [
+        "-m",
+        "synesthesia",
+        "train",
+        str(pipeline),
+        *TINY,
+        f"train.shards={shards}",
+        "train.stage=teacher",
+    ]
+    cmd += ["train.epochs=2", "train.record_keys=true", "train.log_with=none", "--out", str(out)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = out / "two" / "teacher-latent-s0"
+    per_epoch: dict[int, list[list[str]]] = {0: [], 1: []}
+    for rank in (0, 1):
+        for line in (run / "keys" / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            per_epoch[record["epoch"]].append(record["keys"])
+    for epoch, ranks in per_epoch.items():
+        assert len(ranks) == 2
+        assert sorted(ranks[0] + ranks[1]) == [f"train_{i:05d}" for i in range(17)], epoch
+        assert abs(len(ranks[0]) - len(ranks[1])) <= 1
+    assert per_epoch[0][0] != per_epoch[1][0]  # the order changes with the epoch
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["test"]["samples"] == 3
+    # both ranks end with the same weights (DDP kept them in sync), those of the final checkpoint
+    digests = metrics["final_weights_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    teacher = MultimodalTeacher.from_config_dict(
+        json.loads((run / "best" / "model.json").read_text())["model"]
+    )
+    teacher.load_state_dict(
+        {k.removeprefix("teacher."): v for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
+    )
+    assert state_digest(teacher) == digests[0]
