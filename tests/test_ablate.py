@@ -10,7 +10,9 @@ from synesthesia.config import AblateConfig
 
 
 def test_grid_expansion_crosses_methods_sources_seeds():
-    cells = expand(AblateConfig(methods=["ce", "kd", "messy"], sources=["none", "latent", "real"], seeds=[0, 1, 2]))
+    cells = expand(
+        AblateConfig(methods=["ce", "kd", "messy"], sources=["none", "latent", "real"], seeds=[0, 1, 2])
+    )
     assert [c for c in cells if c.method == "ce"] == [Cell("ce", "none", s) for s in (0, 1, 2)]
     assert len(cells) == 3 + 2 * 2 * 3
     assert len({c.name for c in cells}) == len(cells)
@@ -45,8 +47,12 @@ def fake_rows():
     rows = []
     for seed, (ce, kd, messy) in enumerate([(0.50, 0.55, 0.60), (0.52, 0.57, 0.58), (0.48, 0.56, 0.62)]):
         common = {"seed": seed, "train_seconds": 10.0, "samples_per_s": 100.0, "command": f"cmd {seed}"}
-        rows.append({"method": "ce", "source": "none", "test_acc": ce, "val_acc": ce, "teacher_acc": None, **common})
-        rows.append({"method": "kd", "source": "latent", "test_acc": kd, "val_acc": kd, "teacher_acc": 0.8, **common})
+        rows.append(
+            {"method": "ce", "source": "none", "test_acc": ce, "val_acc": ce, "teacher_acc": None, **common}
+        )
+        rows.append(
+            {"method": "kd", "source": "latent", "test_acc": kd, "val_acc": kd, "teacher_acc": 0.8, **common}
+        )
         rows.append(
             {
                 "method": "messy",

@@ -31,7 +31,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, out_default: str | N
     """The arguments every pipeline verb shares: the file, overrides and (for writers) --out."""
     parser.add_argument("pipeline", help="pipeline YAML file (see pipelines/)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-3 or stage=teacher"
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. train.lr=1e-3 or stage=teacher",
     )
     if out_default is not None:
         parser.add_argument("--out", default=out_default, help=f"output root (default: {out_default})")

@@ -296,6 +296,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise UserError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -427,6 +432,9 @@ def write_resolved(cfg: Any, out_dir: str | Path, name: str = "config.json") -> 
     from synesthesia.utils import atomic_write_text
 
     out = Path(out_dir) / name
-    payload = {"config": to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, "config_hash": config_hash(cfg)}
+    payload = {
+        "config": to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg,
+        "config_hash": config_hash(cfg),
+    }
     atomic_write_text(out, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return out

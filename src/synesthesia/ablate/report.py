@@ -52,7 +52,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "teacher_acc": teacher,
                 "gap_closed": gap,
                 "stage1_s_per_sample": _mean_std([r.get("stage1_s_per_sample", 0.0) for r in members])[0],
-                "stage1_bytes_per_sample": _mean_std([r.get("stage1_bytes_per_sample", 0.0) for r in members])[0],
+                "stage1_bytes_per_sample": _mean_std(
+                    [r.get("stage1_bytes_per_sample", 0.0) for r in members]
+                )[0],
                 "train_seconds": _mean_std([r["train_seconds"] for r in members])[0],
                 "samples_per_s": _mean_std([r["samples_per_s"] for r in members])[0],
                 "command": members[0].get("command", ""),

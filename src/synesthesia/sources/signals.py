@@ -14,7 +14,9 @@ from synesthesia.shards.schema import SchemaError
 def encode_png(rgb: np.ndarray) -> bytes:
     """H×W×3 uint8 → PNG bytes (deterministic: no timestamps, fixed compression)."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(buf, format="PNG", compress_level=6)
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(
+        buf, format="PNG", compress_level=6
+    )
     return buf.getvalue()
 
 
@@ -31,7 +33,9 @@ def decode_image(data: bytes) -> np.ndarray:
 def encode_flac(wave: np.ndarray, rate: int) -> bytes:
     """Mono float waveform in [-1, 1] → 16-bit FLAC bytes."""
     buf = io.BytesIO()
-    sf.write(buf, np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+    sf.write(
+        buf, np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0), rate, format="FLAC", subtype="PCM_16"
+    )
     return buf.getvalue()
 
 

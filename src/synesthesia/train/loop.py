@@ -219,7 +219,10 @@ def build_models(cfg, spec: DataSpec, out: Path):
 def _method_needs_teacher(cfg) -> bool:
     from synesthesia.methods import METHODS
 
-    return bool(getattr(METHODS.get(cfg.method.name), "needs_teacher", False))
+    method_cls = METHODS.get(cfg.method.name)
+    if hasattr(method_cls, "needs_teacher_for"):
+        return bool(method_cls.needs_teacher_for(cfg.method))
+    return bool(getattr(method_cls, "needs_teacher", False))
 
 
 def _unwrapped_model(trainee: nn.Module) -> nn.Module:
