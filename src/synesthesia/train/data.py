@@ -254,7 +254,12 @@ def resolve_data(cfg) -> DataSpec:
                 shape = list(decode_npy(sample[s.field]).shape)
                 sidecars[m] = Sidecar(m, s.directory, s.kind, {"shape": shape}, s.mean, s.std)
         probed = min(decode_image(sample[image_field(sample)]).shape[:2])
-    image_size = train.image_size if train.image_size > 0 else int(extra.get("image_size") or probed)
+    recorded = extra.get("image_size")
+    if isinstance(recorded, list | tuple):  # [H, W] as the scenes renderer records it
+        if len(set(recorded)) != 1:
+            raise UserError(f"source images are {recorded[0]}x{recorded[1]}; set train.image_size for a square crop")
+        recorded = recorded[0]
+    image_size = train.image_size if train.image_size > 0 else int(recorded or probed)
     num_classes = int(extra["num_classes"])
     names = list(extra.get("class_names") or [str(i) for i in range(num_classes)])
     counts = {split: manifest.count(split) for split in manifest.splits}
