@@ -35,11 +35,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# every benchmarks/bench_*.py and probe_*.py, each writing benchmarks/results/<name>.json (git-ignored);
+# a failing one does not stop the others, and makes the target fail at the end, naming it
 bench: $(STAMP)
 	@mkdir -p benchmarks/results
-	@set -e; for b in benchmarks/bench_*.py benchmarks/probe_*.py; do \
-		echo "== $$b"; $(PY) $$b --json-out benchmarks/results/$$(basename $$b .py).json; \
-	done
+	@failed=""; for b in benchmarks/bench_*.py benchmarks/probe_*.py; do \
+		echo "== $$b"; \
+		$(PY) $$b --json-out benchmarks/results/$$(basename $$b .py).json || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed" >&2; exit 1; fi; \
+	echo "results: benchmarks/results/"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

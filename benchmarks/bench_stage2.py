@@ -5,35 +5,58 @@ Writes a small source + sidecar shard set in a temporary folder (not timed):
 fp16 latents with S=2 samples per input, channel stats in the manifests. The
 models are the demo's: the default teacher (``TeacherConfig()``) and the
 ``vit_tiny_scenes`` student, built and stepped with the trainer's own pieces
-(``StudentTrainee``, the methods registry, AdamW, ``ShardLoader``).
+(``StudentTrainee``, the methods registry, AdamW, ``ShardLoader``); the frozen
+teacher runs under ``torch.no_grad`` as in ``train/loop.py``.
 
 (a) ``messy_over_ce_step``: seconds per MESSy training step (the frozen
     teacher's forward included) ÷ seconds per CE step, at equal batch, on the
-    same in-memory batches (target ≤ 1.25).
+    same in-memory batches (target ≤ 1.25). ``teacher_forward_s`` (the frozen
+    teacher's forward alone, timed in the same rounds) shows how much of the
+    gap is the teacher itself: ``messy_over_ce_step`` cannot fall below
+    ``1 + teacher_over_ce_step``.
 (b) ``loader_over_memory``: CE training throughput fed by the shard loader
-    (``--workers`` DataLoader workers decoding PNGs, drawing and
-    standardising latents, augmenting) ÷ the same steps fed from in-memory
-    tensors (target ≥ 0.8: the loader keeps up with training).
+    (decoding PNGs, drawing and standardising latents, augmenting) ÷ the same
+    steps fed from in-memory tensors (target ≥ 0.8: the loader keeps up).
 (c) ``samples_per_s``: MESSy training throughput fed by the shard loader.
 
-Each timing is the median step time after ``--warmup`` steps. CE and MESSy
-steps are interleaved (a busy machine's changing load favours neither). With
-no workers (the CPU default: decoding inline costs ~2 ms a sample, and workers
-would only compete with the model for cores), loader-fed and in-memory CE steps
-are interleaved too; with workers, the loader-fed run comes after and is
-compared with the mean in-memory CE time before and after it (prefetching
-workers would otherwise slow the interleaved in-memory steps). Prints the JSON result, then a one-line summary.
+How it stays fair and robust on a small, shared CPU machine:
 
-    python benchmarks/bench_stage2.py [--steps 6] [--warmup 2] [--batch-size 16] [--workers 2] [--samples 128]
+- **Threads.** The training process uses ``--threads`` intra-op threads
+  (``torch.set_num_threads``; default: every core) for *both* sides of every
+  ratio. DataLoader workers (``--workers``) are separate processes with one
+  thread each (PyTorch's worker default) that compete with those threads for
+  the same cores: that competition is part of what a loader costs, so it is
+  measured, not hidden. On the CPU the default is no workers (decoding inline
+  costs ~2 ms a sample against a step of hundreds of ms, and a worker would
+  only steal a core from the model); on CUDA two.
+- **Interleaving.** Measurements are taken in rounds: every round times one
+  step of each contender back to back, in an order that rotates from round to
+  round, so a change in machine load hits all of them alike. Each ratio is the
+  median over rounds of the ratio *within* a round; ``*_spread`` gives its
+  quartiles and extremes (wide spread = a busy machine: repeat on a quiet one).
+  With workers, loader-fed and in-memory steps cannot share a round (prefetching
+  workers would slow the in-memory steps), so they run in alternating blocks
+  (memory, loader, memory, …), each loader block compared with the mean of the
+  memory blocks around it, and each loader block starts by draining the batches
+  its workers prefetched while the memory block ran.
+- **Warm-up.** ``--warmup`` untimed rounds first (allocator, kernels, the
+  loader's first shard).
+
+Prints the JSON result, then a one-line summary. The default run takes about a
+minute on a quiet 2-core machine.
+
+    python benchmarks/bench_stage2.py [--rounds 10] [--warmup 2] [--batch-size 16] [--workers -1] [--threads 0]
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,58 +143,55 @@ class Stepper:
             torch.cuda.synchronize()
 
 
-def timed(steppers: dict[str, Stepper], batches, steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step of each stepper on the next batches, the steppers' steps interleaved.
+def spread(values: list[float]) -> dict[str, float]:
+    """Quartiles and extremes of ``values`` (how much the rounds disagreed)."""
+    q = np.quantile(np.asarray(values, dtype=np.float64), [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {k: round(float(v), 4) for k, v in zip(("min", "p25", "median", "p75", "max"), q, strict=True)}
 
-    Interleaving keeps a shared, busy machine's changing load from favouring one
-    stepper over another.
-    """
-    times: dict[str, list[float]] = {name: [] for name in steppers}
-    it = iter(batches)
-    for i in range(warmup + steps):
-        for name, step in steppers.items():
-            batch = next(it)
+
+def rounds(contenders: dict[str, Callable[[], None]], count: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of one call of each contender per round, the order rotating from round to round."""
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + count):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            step(batch)
-            if i >= warmup:
+            contenders[name]()
+            if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
-def fed_pair(step: Stepper, loader, memory, steps: int, warmup: int) -> tuple[float, float]:
-    """Median seconds per step fed by ``loader`` (its wait included) and by ``memory``, interleaved."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(warmup + steps):
-        for j, feed in enumerate((loader, memory)):
-            start = time.perf_counter()
-            step(next(feed))
-            if i >= warmup:
-                times[j].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
-def fed(step: Stepper, batches, steps: int, warmup: int) -> float:
-    """Median seconds per step, the wait for the next batch included (a loader-fed training step)."""
+def block(step: Stepper, feed: Iterator, count: int, skip: int = 0) -> list[float]:
+    """Seconds per step fed by ``feed`` (the wait for the batch included), after ``skip`` untimed steps."""
     times = []
-    it = iter(batches)
-    for i in range(warmup + steps):
+    for i in range(skip + count):
         start = time.perf_counter()
-        step(next(it))
-        if i >= warmup:
+        step(next(feed))
+        if i >= skip:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument(
+        "--rounds", "--steps", type=int, default=10, help="timed rounds per measurement (default 10)"
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
         "--workers",
         type=int,
         default=-1,
         help="DataLoader workers of the shard loader (-1: 0 on CPU, else 2)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads of the training process (0: every core)",
     )
     p.add_argument(
         "--samples", type=int, default=128, help="train samples written (the loader cycles epochs)"
@@ -181,6 +201,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     device = pick_device(args.device)
     workers = args.workers if args.workers >= 0 else (0 if device.type == "cpu" else 2)
+    threads = args.threads if args.threads > 0 else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,42 +230,77 @@ def main() -> None:
         memory = list(itertools.islice(from_loader(), 4))  # in-memory, already decoded batches
         ce = Stepper("ce", teacher, device, spec.image_size)
         messy = Stepper("messy", teacher, device, spec.image_size)
-        total = args.steps + args.warmup
+        mem = itertools.cycle(memory)
         start = time.perf_counter()
-        # (a) both methods on the same in-memory batches, steps interleaved (no loader workers alive)
-        times = timed({"ce": ce, "messy": messy}, itertools.cycle(memory), args.steps, args.warmup)
-        ce_memory, messy_memory = times["ce"], times["messy"]
+
+        # (a) CE step, MESSy step and the teacher's forward alone, on the same in-memory batch
+        batch0 = memory[0]
+
+        def teacher_forward() -> None:
+            batch = to_device(batch0, device)
+            with torch.no_grad():
+                teacher(batch["rgb"], privileged_inputs(batch))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        contenders = {"ce": lambda: ce(batch0), "messy": lambda: messy(batch0), "teacher": teacher_forward}
+        timed = rounds(contenders, args.rounds, args.warmup)
+        messy_ratios = [m / c for m, c in zip(timed["messy"], timed["ce"], strict=True)]
+        teacher_ratios = [t / c for t, c in zip(timed["teacher"], timed["ce"], strict=True)]
+
+        # (b) CE fed by the loader against CE fed from memory
+        feed = from_loader()
         if workers == 0:
-            # (b) decoding inline: loader-fed and in-memory steps interleaved, like (a)
-            pair = fed_pair(ce, from_loader(), itertools.cycle(memory), args.steps, args.warmup)
-            ce_loader, ce_memory_after = pair
-            reference = ce_memory_after
+            fed = rounds(
+                {"loader": lambda: ce(next(feed)), "memory": lambda: ce(next(mem))}, args.rounds, args.warmup
+            )
+            loader_ratios = [m / ld for m, ld in zip(fed["memory"], fed["loader"], strict=True)]
+            ce_loader, ce_memory_b = fed["loader"], fed["memory"]
         else:
-            # (b) with workers, after the in-memory runs: prefetching workers would steal CPU from
-            # interleaved in-memory steps
-            ce_loader = fed(ce, from_loader(), args.steps, args.warmup)
-            ce_memory_after = fed(ce, itertools.cycle(memory), args.steps, args.warmup)
-            reference = (ce_memory + ce_memory_after) / 2
-        # (c)
-        messy_loader = fed(messy, from_loader(), args.steps, args.warmup)
+            # batches the workers can hold ready: drained untimed at the start of each loader block
+            ready = max(
+                1, (loader.num_workers * max(2, args.batch_size // loader.num_workers)) // args.batch_size
+            )
+            per_block = max(2, args.rounds // 2)
+            block(ce, feed, 0, skip=args.warmup + ready)  # start the workers, warm up
+            mem_blocks = [block(ce, mem, per_block, skip=1)]
+            loader_blocks = []
+            for _ in range(2):
+                loader_blocks.append(block(ce, feed, per_block, skip=ready))
+                mem_blocks.append(block(ce, mem, per_block, skip=1))
+            loader_ratios = [
+                (statistics.median(mem_blocks[i]) + statistics.median(mem_blocks[i + 1]))
+                / 2
+                / statistics.median(lb)
+                for i, lb in enumerate(loader_blocks)
+            ]
+            ce_loader = [t for b in loader_blocks for t in b]
+            ce_memory_b = [t for b in mem_blocks for t in b]
+
+        # (c) MESSy fed by the loader
+        messy_loader = block(messy, feed, args.rounds, skip=args.warmup)
         wall = time.perf_counter() - start
 
     result = {
-        "messy_over_ce_step": messy_memory / ce_memory,
-        "loader_over_memory": reference / ce_loader,
-        "samples_per_s": args.batch_size / messy_loader,
-        "ce_step_s": ce_memory,
-        "ce_step_after_s": ce_memory_after,
-        "messy_step_s": messy_memory,
-        "ce_loader_step_s": ce_loader,
-        "messy_loader_step_s": messy_loader,
-        "timing_wall_s": wall,
+        "messy_over_ce_step": round(statistics.median(messy_ratios), 4),
+        "messy_over_ce_step_spread": spread(messy_ratios),
+        "teacher_over_ce_step": round(statistics.median(teacher_ratios), 4),
+        "loader_over_memory": round(statistics.median(loader_ratios), 4),
+        "loader_over_memory_spread": spread(loader_ratios),
+        "samples_per_s": round(args.batch_size / statistics.median(messy_loader), 3),
+        "ce_step_s": round(statistics.median(timed["ce"]), 5),
+        "messy_step_s": round(statistics.median(timed["messy"]), 5),
+        "teacher_forward_s": round(statistics.median(timed["teacher"]), 5),
+        "ce_loader_step_s": round(statistics.median(ce_loader), 5),
+        "ce_memory_step_s": round(statistics.median(ce_memory_b), 5),
+        "messy_loader_step_s": round(statistics.median(messy_loader), 5),
+        "timing_wall_s": round(wall, 2),
         "config": {
             "batch_size": args.batch_size,
-            "steps": args.steps,
+            "rounds": args.rounds,
             "warmup": args.warmup,
-            "steps_per_measurement": total,
             "workers": workers,
+            "torch_threads": threads,
             "device": str(device),
             "image_size": spec.image_size,
             "latent": list(LATENT),
@@ -252,10 +309,13 @@ def main() -> None:
             "student": "vit_tiny_scenes",
         },
     }
+    ms, ls = result["messy_over_ce_step_spread"], result["loader_over_memory_spread"]
     summary = (
-        f"messy_over_ce_step={result['messy_over_ce_step']:.2f} (target <= 1.25), "
-        f"loader_over_memory={result['loader_over_memory']:.2f} (target >= 0.8), "
-        f"samples_per_s={result['samples_per_s']:.1f} [{device}, batch {args.batch_size}]"
+        f"messy_over_ce_step={result['messy_over_ce_step']:.2f} [{ms['p25']:.2f}-{ms['p75']:.2f}] (target <= 1.25;"
+        f" teacher forward alone {result['teacher_over_ce_step']:.2f} of a CE step), "
+        f"loader_over_memory={result['loader_over_memory']:.2f} [{ls['p25']:.2f}-{ls['p75']:.2f}] (target >= 0.8), "
+        f"samples_per_s={result['samples_per_s']:.1f} [{device}, batch {args.batch_size}, {threads} threads,"
+        f" {workers} workers]"
     )
     emit("bench_stage2", result, summary, args.json_out)
 

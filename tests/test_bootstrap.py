@@ -82,7 +82,7 @@ def paired_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(paired_root, tmp_path_factory, shared):
     tmp = tmp_path_factory.mktemp("models")
-    cfg = tiny_pipeline(tmp, ["depth", "lidar"])
+    cfg = tiny_pipeline(tmp, ["depth", "lidar"], ensemble=3)
     results = run_bootstrap(
         cfg, out=tmp / "models", shards=paired_root, command="synesthesia bootstrap tiny.yaml"
     )
@@ -104,10 +104,22 @@ def test_bootstrap_writes_marigold_layout_folders(trained):
         unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
         assert unet_cfg["in_channels"] == index["cond_shape"][0] + index["target_shape"][0] == 64
         quality = json.loads((folder / "quality.json").read_text())
-        for key in ("latent_mse", "mean_latent_mse", "regression_latent_mse", "latent_cosine"):
+        for key in (
+            "latent_mse",
+            "single_sample_latent_mse",
+            "ensemble_latent_mse",
+            "mean_latent_mse",
+            "regression_latent_mse",
+            "latent_cosine",
+        ):
             assert np.isfinite(quality[key])
+        # the headline is the 3-sample ensemble stage one writes; the one-sample number is kept
+        assert index["ensemble"] == quality["ensemble"] == 3 and "mean of 3" in quality["latent_mse_is"]
+        assert quality["latent_mse"] == quality["ensemble_latent_mse"] != quality["single_sample_latent_mse"]
+        assert quality["beats_baselines"] == quality["ensemble_beats_baselines"]
         card = (folder / "README.md").read_text()
         assert "synesthesia bootstrap tiny.yaml" in card and "| latent MSE" in card
+        assert "3-sample ensemble" in card and "1 sample" in card
         assert r["mb"] < 5.0 and not list(folder.rglob("*.bin"))
     depth = json.loads((tmp / "models" / "toy-depth" / "quality.json").read_text())
     assert 0 <= depth["delta1"] <= 1 and depth["abs_rel"] >= 0 and "vae_abs_rel" in depth
@@ -134,12 +146,18 @@ def test_stage_one_generator_loads_bootstrap_model(trained, paired_root):
     torch.testing.assert_close(single[0], out[1], rtol=1e-4, atol=1e-4)  # independent of the batch
     decoded = gen.decode(out)
     assert decoded.shape == (3, 2, 16, 64) and decoded.dtype == torch.float32
+    # ensemble N = 3 (the folder's default): output s is the mean of the key's draws 3s .. 3s+2
+    assert gen.ensemble == 3 and gen.identity()["config"]["ensemble"] == 3
+    plain = GENERATORS.get("latent-diffusion")(
+        modality="lidar", weights=str(tmp / "models" / "toy-lidar"), samples_per_input=6, seed=3, ensemble=1
+    ).encode(batch, keys)
+    torch.testing.assert_close(out, plain.reshape(3, 2, 3, *plain.shape[2:]).mean(2), rtol=1e-4, atol=1e-5)
     with pytest.raises(UserError, match="generates 'lidar'"):
         GENERATORS.get("latent-diffusion")(modality="depth", weights=str(tmp / "models" / "toy-lidar"))
 
 
 def test_quality_matches_what_stage_one_writes(trained, paired_root):
-    """The held-out latents of the report are exactly the generator's S=1 output for those keys."""
+    """The report's held-out latents are exactly the generator's S=1 output: ensembled (default) and one draw."""
     from synesthesia.bootstrap import latent_metrics
     from synesthesia.generators import GENERATORS
     from synesthesia.generators.mappings import signal_from_sample, to_three_channels
@@ -156,6 +174,11 @@ def test_quality_matches_what_stage_one_writes(trained, paired_root):
     true = encoder(torch.from_numpy(images))
     mse = latent_metrics(pred, true)["mse"]
     assert mse == pytest.approx(results[0]["latent_mse"], rel=1e-3)
+    one = GENERATORS.get("latent-diffusion")(
+        modality="depth", weights=str(tmp / "models" / "toy-depth"), ensemble=1
+    ).encode(batch, [s["__key__"] for s in samples])
+    mse = latent_metrics(one, true)["mse"]
+    assert mse == pytest.approx(results[0]["single_sample_latent_mse"], rel=1e-3)
 
 
 def test_resume_continues_exactly(paired_root, tmp_path, shared):
@@ -225,6 +248,7 @@ def test_config_errors():
         ({"mapping": {"depth": {"nearr": 1}}}, "unknown depth mapping option"),
         ({"block_channels": [30, 64]}, "multiples of norm_groups"),
         ({"holdout": 0}, "holdout"),
+        ({"ensemble": 0}, "bootstrap.ensemble"),
     ]
     for change, message in bad:
         cfg = build(BootstrapConfig, {**{k: getattr(base, k) for k in ("modalities",)}, **change})
@@ -247,3 +271,24 @@ def test_repo_pipeline_file_loads():
     cfg = load_pipeline(path)
     check_config(cfg.bootstrap)
     assert cfg.dataset == "scenes" and cfg.bootstrap.split == "paired"
+
+
+def test_committed_models_match_their_reports():
+    """Each committed demo generator is ≤ 5 MB, loads in stage one and its report says it beats both baselines."""
+    from pathlib import Path
+
+    from synesthesia.generators import GENERATORS
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    folders = sorted(p for p in models.iterdir() if (p / "model_index.json").is_file())
+    assert folders, "no committed generators under models/"
+    for folder in folders:
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+        index = json.loads((folder / "model_index.json").read_text())
+        quality = json.loads((folder / "quality.json").read_text())
+        assert size <= 5.0, folder
+        assert quality["latent_mse"] < min(quality["regression_latent_mse"], quality["mean_latent_mse"])
+        assert quality["beats_baselines"] and "single_sample_latent_mse" in quality
+        assert "/tmp/" not in index["training"]["source"] and "/tmp/" not in index["training"]["command"]
+        gen = GENERATORS.get("latent-diffusion")(modality=index["modality"], weights=str(folder))
+        assert gen.ensemble == quality["ensemble"] and gen.latent_spec().shape == tuple(index["target_shape"])

@@ -292,6 +292,22 @@ def test_tae_rgb_audio_lidar(shared, samples):
         assert gen.decode(out).shape[0] == 2
 
 
+def test_tae_identity_does_not_depend_on_where_the_weights_are(shared, tmp_path):
+    """Moving the weights folder keeps the cache key; different weights change it."""
+    source = shared / "weights" / "taef2"
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("taef2_encoder.safetensors", "taef2_decoder.safetensors"):
+        (moved / name).symlink_to(source / name)
+    default = create_generator(GeneratorConfig(name="tae", modality="depth"))
+    relocated = create_generator(GeneratorConfig(name="tae", modality="depth", weights=str(moved)))
+    assert str(tmp_path) not in json.dumps(relocated.identity())
+    assert relocated.identity() == default.identity()
+    assert relocated.identity_hash() == default.identity_hash()
+    relocated.weights_sha256 = {**relocated.weights_sha256, "encoder": "0" * 64}  # other weights
+    assert relocated.identity_hash() != default.identity_hash()
+
+
 def test_tae_missing_weights_is_one_line(tmp_path, monkeypatch):
     from synesthesia.generators.tae import load_taef2
 

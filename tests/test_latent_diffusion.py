@@ -150,6 +150,21 @@ def test_samples_seeded_per_key_and_deterministic(marigold):
     assert decoded.shape == (2, 3, 32, 32) and decoded.min() >= 0 and decoded.max() <= 1
 
 
+def test_ensemble_averages_the_key_seeded_draws(marigold):
+    """ensemble N: each written latent is the mean of N draws of the key's generator (Marigold ensembling)."""
+    folder, _ = marigold
+    rgb = torch.rand(2, 3, 32, 32)
+    draws = make(folder, samples_per_input=4, seed=5).encode({"rgb": rgb}, ["x", "y"])
+    assert make(folder).ensemble == 1  # Marigold folders: no ensembling unless asked
+    ens = make(folder, samples_per_input=2, seed=5, ensemble=2)
+    out = ens.encode({"rgb": rgb}, ["x", "y"])
+    assert out.shape == (2, 2, 4, 16, 16) and ens.latent_spec().extra["ensemble"] == 2
+    torch.testing.assert_close(out, draws.reshape(2, 2, 2, 4, 16, 16).mean(2), rtol=1e-5, atol=1e-5)
+    one = make(folder, seed=5, ensemble=4).encode({"rgb": rgb}, ["x", "y"])
+    torch.testing.assert_close(one, draws.mean(1), rtol=1e-5, atol=1e-5)
+    assert ens.identity()["config"]["ensemble"] == 2
+
+
 def test_lcm_scheduler_folder(tmp_path):
     folder, _ = save_tiny_marigold(tmp_path, "LCMScheduler")
     gen = make(folder, samples_per_input=2)
@@ -166,6 +181,8 @@ def test_user_errors(marigold, tmp_path):
         make(folder, modality="audio")
     with pytest.raises(UserError, match="samples_per_input"):
         make(folder, samples_per_input=0)
+    with pytest.raises(UserError, match="ensemble must be a positive integer"):
+        make(folder, ensemble=0)
     with pytest.raises(UserError, match="not a multiple of 2"):
         make(folder, image_size=[33, 33])
     with pytest.raises(UserError, match="no model_index.json"):

@@ -23,6 +23,7 @@ from synesthesia.methods.modalimmune import (
     teacher_predict,
 )
 from synesthesia.methods.tuned_kd import expand_grid, select_best
+from synesthesia.models.outputs import StudentOutput
 from synesthesia.models.students import Student
 from synesthesia.models.teacher import MultimodalTeacher
 
@@ -118,10 +119,11 @@ def test_tuned_kd_grid_and_selection_on_val():
 
 
 def student_output(student: Student, rgb: torch.Tensor, layers: list[int]):
-    """The student's output plus token-level features (the field cotrain asks the trainer to fill)."""
+    """The student's output with its token-level features (what the trainer hands cotrain)."""
     out = student(rgb, layers=layers)
     _, inter = student.model.forward_intermediates(rgb, indices=layers, output_fmt="NLC")
-    out.tokens = dict(zip(layers, inter, strict=True))
+    for layer, tokens in zip(layers, inter, strict=True):  # the patch tokens, prefix (CLS) excluded
+        torch.testing.assert_close(out.tokens[layer], tokens)
     return out
 
 
@@ -190,7 +192,7 @@ def test_cotrain_attention_transfer_and_pooled_fallback(student):
     )
     assert any(nonzero(v) for k, v in g.items() if k.startswith("model.blocks.2"))
     # without token-level features the pooled feature is one RGB token; attention transfer is refused
-    plain = student(batch["rgb"], layers=method.student_layers())
+    plain = StudentOutput(logits=out.logits, features=out.features)
     with pytest.raises(UserError, match="tokens"):
         method(plain, None, batch)
     simple = cotrain_method(student, shared_layer=1)

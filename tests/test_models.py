@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from synesthesia import UserError
-from synesthesia.config import StudentConfig, TeacherConfig
+from synesthesia.config import MethodConfig, StudentConfig, TeacherConfig
+from synesthesia.methods import MethodContext, build_method
 from synesthesia.models import MultimodalTeacher, Student, build_student
 
 IMAGE = 32
@@ -173,9 +174,29 @@ def test_student_forward_with_layers(name):
     assert sorted(out.features) == [0, student.depth - 1]
     for layer, feature in out.features.items():
         assert feature.shape == (2, student.feature_dims[layer])
+    # the same layers as token sequences (B, N, D_l), from the same forward_intermediates call
+    assert sorted(out.tokens) == [0, student.depth - 1]
+    for layer, tokens in out.tokens.items():
+        assert tokens.ndim == 3 and tokens.shape[0] == 2 and tokens.shape[2] == student.feature_dims[layer]
     plain = student(rgb)
-    assert plain.features == {}
+    assert plain.features == {} and plain.tokens == {}
     torch.testing.assert_close(plain.logits, out.logits)
+
+
+def test_student_tokens_are_patch_tokens_and_flattened_maps():
+    rgb = torch.rand(2, 3, IMAGE, IMAGE)
+    vit = build_student(StudentConfig(name="vit_micro_test"), CLASSES, IMAGE).eval()
+    captured = {}
+    vit.model.blocks[0].register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+    out = vit(rgb, layers=[0])
+    prefix = vit.model.num_prefix_tokens
+    assert out.tokens[0].shape == (2, (IMAGE // 8) ** 2, 32)  # CLS excluded
+    torch.testing.assert_close(out.tokens[0], captured["x"][:, prefix:])
+    cnn = build_student(StudentConfig(name="cnn_micro_test"), CLASSES, IMAGE).eval()
+    _, maps = cnn.model.forward_intermediates(rgb, indices=[1])
+    out = cnn(rgb, layers=[1])
+    torch.testing.assert_close(out.tokens[1], maps[0].flatten(2).transpose(1, 2))
+    torch.testing.assert_close(out.features[1], out.tokens[1].mean(dim=1))
 
 
 def test_vit_student_features_are_the_cls_token():
@@ -205,3 +226,35 @@ def test_vit_tiny_scenes_shape():
     student = build_student(StudentConfig(name="vit_tiny_scenes"), 10, 64)
     assert student.depth == 6 and set(student.feature_dims.values()) == {192}
     assert student.model.patch_embed.num_patches == 64
+
+
+def test_teacher_layers_keeps_only_the_requested_hidden_states():
+    cfg = TeacherConfig(dim=32, depth=3, heads=2, tokens_per_modality=4)
+    teacher = MultimodalTeacher(cfg, 5, 32, {"depth": {"kind": "spatial", "shape": [4, 4, 4]}}).eval()
+    rgb, inputs = torch.randn(2, 3, 32, 32), {"depth": torch.randn(2, 4, 4, 4)}
+    full = teacher(rgb, inputs)
+    some = teacher(rgb, inputs, layers=[-1, 0])
+    assert [h is None for h in some.hidden_states] == [False, True, False]
+    torch.testing.assert_close(some.logits, full.logits)
+    torch.testing.assert_close(some.modality_feature(-1, "depth"), full.modality_feature(-1, "depth"))
+    torch.testing.assert_close(some.hidden_states[0], full.hidden_states[0])
+    with pytest.raises(UserError, match="out of range"):
+        teacher(rgb, inputs, layers=[3])
+
+
+def test_messy_names_the_teacher_layers_it_reads():
+    ctx = MethodContext(
+        num_classes=5,
+        student_dims={0: 8, 1: 8, 2: 8},
+        student_depth=3,
+        teacher_dim=32,
+        teacher_depth=6,
+        modalities=("depth",),
+    )
+    messy = build_method(MethodConfig(name="messy"), ctx)
+    assert messy.teacher_layers() == [1, 3, 5]
+    latent = build_method(
+        MethodConfig(name="messy", options={"target": "latent"}),
+        MethodContext(**{**ctx.__dict__, "latent_dims": {"depth": 16}}),
+    )
+    assert latent.teacher_layers() == []

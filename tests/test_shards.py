@@ -136,10 +136,36 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     def broken_write(self, obj):
         raise OSError("disk full")
 
+    closed = []
+    real_close = wds.TarWriter.close
+
+    def tracked_close(self):
+        closed.append(self)
+        real_close(self)
+
     monkeypatch.setattr(wds.TarWriter, "write", broken_write)
+    monkeypatch.setattr(wds.TarWriter, "close", tracked_close)
     with pytest.raises(OSError):
         write_shard(target, _samples(2))
     assert list(tmp_path.iterdir()) == []
+    assert len(closed) == 1 and closed[0].tarstream.closed  # the writer was closed on the failure
+
+
+def test_iter_shard_reads_its_shard_in_every_dataloader_worker(tmp_path):
+    """iter_shard reads the shard it is given: no worker splitter hands it to worker 0 only."""
+    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+    path = tmp_path / "train-000000.tar"
+    write_shard(path, _samples(3))
+
+    class EveryWorker(IterableDataset):
+        def __iter__(self):
+            worker = get_worker_info().id
+            for sample in iter_shard(path):
+                yield worker, sample["__key__"]
+
+    seen = list(DataLoader(EveryWorker(), batch_size=None, num_workers=2))
+    assert sorted(map(tuple, seen)) == [(w, f"s{i:03d}") for w in (0, 1) for i in range(3)]
 
 
 def test_split_writer_shards_and_duplicates(tmp_path):

@@ -167,6 +167,7 @@ def test_decode_writes_the_ablation_sidecar(source: Path):
     assert verify(directory) == []
     manifest = Manifest.read(directory)
     assert manifest.kind == "decoded" and manifest.count("train") == 15
+    assert manifest.extra["shape"] == [32, 32]  # what the stage-two reader sizes the adapter with
     sidecars = {SET: latent_dir(source, "toy", SET), "decoded": directory}
     sample = next(iter_aligned(source / "toy" / "source", sidecars, split="val"))
     decoded = decode_npy(sample["depth.decoded.npy"])

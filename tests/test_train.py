@@ -169,3 +169,82 @@ def test_two_processes_see_each_sample_once_and_agree(tmp_path):
         {k.removeprefix("teacher."): v for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
     )
     assert state_digest(teacher) == digests[0]
+
+
+def test_cotrain_trains_on_token_features_and_exports_the_rgb_branch(shards, tmp_path, monkeypatch):
+    from synesthesia.methods.cotrain import CoTrain
+
+    seen = []
+    original = CoTrain.multimodal
+
+    def multimodal(self, student, batch):  # what the trainer hands the branch: token sequences
+        seen.append({layer: tuple(t.shape) for layer, t in student.tokens.items()})
+        return original(self, student, batch)
+
+    monkeypatch.setattr(CoTrain, "multimodal", multimodal)
+    cfg = tiny(shards, "method.name=cotrain", "train.epochs=1", "method.options={heads: 2, shared_layer: 1}")
+    metrics = train(cfg, tmp_path)
+    run = run_dir(cfg, tmp_path)
+    # vit_micro_test at 32×32, patch 8: 16 patch tokens of width 32 after the shared block 1
+    assert seen and all(s == {1: (4, 16, 32)} for s in seen)
+    steps = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "train/ce_mm" in r]
+    assert len(steps) == metrics["steps"] == 4
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
+    # the export is the RGB branch alone: the plain student's parameters, and its outputs
+    model = load_student(run / "export")
+    plain = build_student(cfg.student, 3, 32)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    assert set(exported) == set(plain.state_dict())
+    plain.load_state_dict(load_file(str(run / "best" / "model.safetensors")))
+    rgb = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(rgb).logits, plain.eval()(rgb).logits)
+
+
+def test_decoded_source_end_to_end(tmp_path):
+    """Stage one with shard.decode: true → a teacher on the decoded sidecar → a KD student from it."""
+    from stage_one_toy import make_source  # registers the toy-conv generator
+    from synesthesia.config import PipelineConfig, build
+    from synesthesia.stage_one import run_stage_one
+
+    make_source(tmp_path / "shards", shards={"train": (2, 4), "val": (1, 4), "test": (1, 4)})
+    gen = {"name": "toy-conv", "modality": "depth"}
+    shard_cfg = build(
+        PipelineConfig,
+        {
+            "dataset": "toy",
+            "shard": {"generators": [gen], "splits": ["train", "val", "test"], "decode": True},
+        },
+    )
+    assert run_stage_one(shard_cfg, tmp_path / "shards", progress=False).ok
+    common = [
+        "dataset=toy",
+        f"train.shards={tmp_path / 'shards'}",
+        "train.modalities=[depth]",
+        "train.latent_sets={depth: toy-conv-depth}",
+        "train.source=decoded",
+        "train.num_workers=0",
+        "train.batch_size=4",
+        "train.epochs=1",
+        "train.warmup_steps=1",
+        "teacher.dim=16",
+        "teacher.depth=2",
+        "teacher.heads=2",
+        "teacher.tokens_per_modality=2",
+        "teacher.decoded_max_tokens=16",
+        "student.name=vit_micro_test",
+    ]
+    teacher = train(load_pipeline(None, [*common, "train.stage=teacher"]), tmp_path / "runs")
+    assert teacher["run"].endswith("teacher-decoded-s0") and teacher["source"] == "decoded"
+    config = json.loads((Path(teacher["run"]) / "best" / "model.json").read_text())
+    assert config["model"]["modalities"] == {"depth": {"kind": "decoded", "shape": [32, 32]}}
+    assert set(teacher["robustness"]) >= {"full", "removed/depth", "corrupted/depth", "shuffled/depth"}
+    student = train(load_pipeline(None, [*common, "method.name=kd"]), tmp_path / "runs")
+    assert student["run"].endswith("kd-decoded-s0") and student["test"]["samples"] == 4
+    timing = student["timing"]
+    assert (
+        timing["data_s_per_step"] > 0
+        and timing["teacher_forward_s_per_step"] > 0
+        and timing["step_s_per_step"] > 0
+    )

@@ -123,6 +123,7 @@ class BootstrapConfig:
     timestep_sampling: str = "uniform"  # uniform | inference (train only at the few inference timesteps)
     num_train_timesteps: int = 1000
     inference_steps: int = 2
+    ensemble: int = 1  # N seeded samples averaged into each stage-one latent (Marigold test-time ensembling)
     steps: int = 2000
     regression_steps: int = -1  # -1: same as steps
     batch_size: int = 32
@@ -220,11 +221,22 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AblateConfig:
-    """The ablation grid (`synesthesia ablate`)."""
+    """The ablation grid (`synesthesia ablate`): student method × privileged source × seed.
+
+    ``kd`` is tuned: its α × T grid is trained at ``tune_seed`` per source and the setting
+    with the best val accuracy is used for every seed (one setting each: no tuning).
+    """
 
     methods: list[str] = field(default_factory=lambda: ["ce", "kd", "messy"])
     sources: list[str] = field(default_factory=lambda: ["none", "decoded", "latent", "real"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # stage-one generators per privileged source; a source left out gets: latent -> shard.generators,
+    # decoded -> shard.generators with shard.decode: true, real -> tae over each of train.modalities
+    generators: dict[str, list[GeneratorConfig]] = field(default_factory=dict)
+    kd_alphas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
+    kd_temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    tune_seed: int | None = None  # the seed the KD grid is trained at; None: the first of seeds
+    teacher_overrides: list[str] = field(default_factory=list)  # e.g. [train.epochs=6] for the teachers only
 
 
 @dataclass(frozen=True)

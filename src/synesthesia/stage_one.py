@@ -85,6 +85,7 @@ from synesthesia.stage_one_finalize import (
     check_set,
     prepare_set,
     scan_set,
+    stored_shape,
     write_throughput,
 )
 from synesthesia.utils import atomic_write_text
@@ -398,21 +399,29 @@ class SetRunner:
                     f"generator {self.generator.name} returned {got} for a batch of {len(good)}"
                 )
             if out.is_floating_point():
-                stored = out.detach().to(
-                    self.torch_dtype
-                )  # NaN/inf are judged after the cast (fp16 overflow)
+                # NaN/inf are judged after the cast to the storage dtype (fp16 overflow)
+                stored = out.detach().to(self.torch_dtype)
                 finite = torch.isfinite(stored).reshape(len(good), -1).all(dim=1)
-                mask = finite.reshape(-1, *([1] * (stored.ndim - 1)))
-                stored = torch.where(mask, stored, torch.zeros((), dtype=stored.dtype, device=stored.device))
-                fl.finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=cuda)
-                fl.finite.copy_(finite, non_blocking=cuda)
+                # on the CPU the check costs nothing to read, so the masking copy is made only when
+                # needed; on CUDA reading it would stall the stream, so the mask is always applied
+                if cuda or not bool(finite.all()):
+                    mask = finite.reshape(-1, *([1] * (stored.ndim - 1)))
+                    zero = torch.zeros((), dtype=stored.dtype, device=stored.device)
+                    stored = torch.where(mask, stored, zero)
+                if cuda:
+                    fl.finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+                    fl.finite.copy_(finite, non_blocking=True)
+                else:
+                    fl.finite = finite
             else:
                 stored = out.detach()  # codes: range-checked and cast on the host
-            fl.host = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=cuda)
-            fl.host.copy_(stored, non_blocking=cuda)
-            if cuda:
+            if cuda:  # device → pinned host memory behind an event; collect() waits for it
+                fl.host = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
+                fl.host.copy_(stored, non_blocking=True)
                 fl.event = torch.cuda.Event()
                 fl.event.record()
+            else:  # already on the host: keep it (a fresh tensor, or a private copy when no cast made one)
+                fl.host = stored.clone() if stored.data_ptr() == out.data_ptr() else stored
         fl.launch_s = time.perf_counter() - t0
         return fl
 
@@ -828,6 +837,7 @@ def _finalize(cfg, gcfg, source, splits, identity, mode, spec, spec_dict, materi
         }
         if kind == "decoded":
             extra["decoded_from"] = f"../../latents/{set_name(gcfg)}"
+            extra["shape"] = stored_shape(directory, infos, field_name)
         manifest = build_manifest(
             kind=kind,
             dataset=cfg.dataset,

@@ -191,6 +191,21 @@ def scan_set(
     return infos, flagged, counts, stats.result(), missing
 
 
+def stored_shape(directory: Path, infos: dict[str, list[ShardInfo]], field: str) -> list[int] | None:
+    """The shape of one sample's ``field`` as stored (the first sample of the first non-empty shard).
+
+    Every sample of a set has the same shape (flagged samples hold zeros of it), so
+    a decoded set records it as ``extra.shape``, which the stage-two reader and the
+    teacher's decoded-signal adapter read instead of probing a shard.
+    """
+    for shards in infos.values():
+        for info in shards:
+            if info.samples:
+                samples, _, _ = read_shard_samples(directory / info.name)
+                return [int(n) for n in decode_npy(samples[0][field]).shape]
+    return None
+
+
 def write_throughput(directory: Path, report: dict[str, Any]) -> None:
     atomic_write_text(directory / THROUGHPUT, json.dumps(report, indent=2, sort_keys=True) + "\n")
 

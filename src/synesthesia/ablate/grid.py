@@ -79,16 +79,30 @@ def read_results(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def append_result(out_dir: str | Path, cell: Cell, row: dict[str, Any]) -> dict[str, Any]:
     """Append one finished cell to results.jsonl (one line, flushed and fsynced)."""
+    return append_row(out_dir, {"cell": cell.name, **asdict(cell), **row})
+
+
+def append_row(out_dir: str | Path, row: dict[str, Any]) -> dict[str, Any]:
+    """Append one row (it must hold ``cell``, its unique name) to results.jsonl, flushed and fsynced.
+
+    A kill can tear at most this last line, which :func:`read_results` then ignores.
+    """
     import os
 
+    if "cell" not in row:
+        raise ValueError("a results row needs a 'cell' name")
     path = Path(out_dir) / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = {"cell": cell.name, **asdict(cell), **row}
+    prefix = ""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            prefix = "" if fh.read(1) == b"\n" else "\n"  # start a new line after a torn one
     with open(path, "a") as fh:
-        fh.write(json.dumps(full, sort_keys=True) + "\n")
+        fh.write(prefix + json.dumps(row, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    return full
+    return row
 
 
 def pending(cells: list[Cell], done: dict[str, dict[str, Any]]) -> list[Cell]:

@@ -16,7 +16,12 @@ from typing import Any
 from synesthesia.utils import atomic_write_text
 
 
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return math.nan, math.nan
     mean = sum(values) / len(values)
@@ -26,8 +31,25 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
+def _mean(members: list[dict[str, Any]], key: str, default: float | None = 0.0) -> float:
+    return _mean_std([_num(r.get(key, default)) for r in members])[0]
+
+
+def cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The grid cells' rows (KD tuning runs, ``role: tune``, are reported apart)."""
+    return [r for r in rows if r.get("role", "cell") == "cell"]
+
+
+def total_seconds(row: dict[str, Any]) -> float:
+    """What one student of a cell costs end to end: stage one of its source (whole source set),
+    its teacher, KD tuning where there was any, and its own training."""
+    parts = [row.get(k) for k in ("stage1_seconds", "teacher_seconds", "tune_seconds", "train_seconds")]
+    return sum(0.0 if p is None or math.isnan(float(p)) else float(p) for p in parts)
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One summary row per (method, source), in first-seen order."""
+    rows = cells(rows)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["method"], row["source"])].append(row)
@@ -37,10 +59,13 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (method, source), members in groups.items():
         test = [r["test_acc"] for r in members]
         mean, std = _mean_std(test)
-        teacher = _mean_std([r["teacher_acc"] for r in members if r.get("teacher_acc") is not None])[0]
+        teacher = _mean(members, "teacher_acc", None)
         gap = math.nan
         if not math.isnan(teacher) and not math.isnan(base_mean) and teacher != base_mean:
             gap = (mean - base_mean) / (teacher - base_mean)
+        kd = {}
+        if members[0].get("kd_alpha") is not None:
+            kd = {"kd_alpha": members[0]["kd_alpha"], "kd_temperature": members[0]["kd_temperature"]}
         out.append(
             {
                 "method": method,
@@ -48,16 +73,17 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n": len(members),
                 "test_mean": mean,
                 "test_std": std,
-                "val_mean": _mean_std([r["val_acc"] for r in members])[0],
+                "val_mean": _mean(members, "val_acc", None),
                 "teacher_acc": teacher,
                 "gap_closed": gap,
-                "stage1_s_per_sample": _mean_std([r.get("stage1_s_per_sample", 0.0) for r in members])[0],
-                "stage1_bytes_per_sample": _mean_std(
-                    [r.get("stage1_bytes_per_sample", 0.0) for r in members]
-                )[0],
-                "train_seconds": _mean_std([r["train_seconds"] for r in members])[0],
-                "samples_per_s": _mean_std([r["samples_per_s"] for r in members])[0],
+                "stage1_s_per_sample": _mean(members, "stage1_s_per_sample"),
+                "stage1_bytes_per_sample": _mean(members, "stage1_bytes_per_sample"),
+                "train_seconds": _mean(members, "train_seconds", None),
+                "samples_per_s": _mean(members, "samples_per_s", None),
+                "tune_seconds": _mean(members, "tune_seconds"),
+                "total_seconds": _mean_std([total_seconds(r) for r in members])[0],
                 "command": members[0].get("command", ""),
+                **kd,
             }
         )
     return out
@@ -67,40 +93,91 @@ def _pct(x: float) -> str:
     return "–" if math.isnan(x) else f"{100 * x:.2f}"
 
 
-def summary_markdown(summary: list[dict[str, Any]], title: str) -> str:
-    """The summary table; the best (method, source) per source by mean test accuracy in bold."""
+def _fmt(x: float, spec: str) -> str:
+    return "–" if math.isnan(x) else format(x, spec)
+
+
+def summary_markdown(
+    summary: list[dict[str, Any]], title: str, rows: list[dict[str, Any]] | None = None
+) -> str:
+    """The summary table; the best (method, source) per source by mean test accuracy in bold.
+
+    With ``rows`` (all of results.jsonl), the KD tuning runs and the teacher and stage-one
+    commands are listed too.
+    """
     best: dict[str, float] = {}
     for row in summary:
-        best[row["source"]] = max(best.get(row["source"], -1.0), row["test_mean"])
+        if not math.isnan(row["test_mean"]):
+            best[row["source"]] = max(best.get(row["source"], -1.0), row["test_mean"])
     lines = [
         f"# {title}",
         "",
         "Test accuracy (%) as mean ± std over seeds; model selection on val only, test evaluated once per cell.",
-        "gap closed = (student − image-only) ÷ (teacher − image-only).",
+        "gap closed = (student − image-only) ÷ (teacher − image-only). The best cell per source is in bold.",
+        "Cost: stage-one seconds and bytes per sample of the source's sidecars; train s and samples/s of the",
+        "student run; total s = stage one (whole source set) + teacher + KD tuning + student, per student.",
         "",
-        "| method | source | seeds | test acc | val acc | teacher | gap closed | stage-one s/sample | stage-one bytes/sample | train s | samples/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | source | seeds | test acc | val acc | teacher | gap closed | stage-one s/sample "
+        "| stage-one bytes/sample | train s | samples/s | total s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary:
         acc = f"{_pct(row['test_mean'])} ± {_pct(row['test_std'])}"
-        if row["test_mean"] == best[row["source"]]:
+        if row["test_mean"] == best.get(row["source"]):
             acc = f"**{acc}**"
-        gap = "–" if math.isnan(row["gap_closed"]) else f"{row['gap_closed']:.2f}"
+        method = row["method"]
+        if "kd_alpha" in row:
+            method = f"{method} (α={row['kd_alpha']:g}, T={row['kd_temperature']:g})"
         lines.append(
-            f"| {row['method']} | {row['source']} | {row['n']} | {acc} | {_pct(row['val_mean'])} | "
-            f"{_pct(row['teacher_acc'])} | {gap} | {row['stage1_s_per_sample']:.4f} | "
-            f"{row['stage1_bytes_per_sample']:.0f} | {row['train_seconds']:.1f} | {row['samples_per_s']:.1f} |"
+            f"| {method} | {row['source']} | {row['n']} | {acc} | {_pct(row['val_mean'])} | "
+            f"{_pct(row['teacher_acc'])} | {_fmt(row['gap_closed'], '.2f')} | "
+            f"{_fmt(row['stage1_s_per_sample'], '.4f')} | {_fmt(row['stage1_bytes_per_sample'], '.0f')} | "
+            f"{_fmt(row['train_seconds'], '.1f')} | {_fmt(row['samples_per_s'], '.1f')} | "
+            f"{_fmt(row.get('total_seconds', math.nan), '.0f')} |"
         )
-    lines += ["", "Reproduce a row (one seed shown; change the seed override for the others):", ""]
+    tune = [r for r in rows or [] if r.get("role") == "tune"]
+    if tune:
+        lines += [
+            "",
+            "## KD tuning (selected on val at one seed, then used for every seed)",
+            "",
+            "| source | α | T | val acc | test acc (not used) | train s | reproduce |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in tune:
+            lines.append(
+                f"| {r['source']} | {r['kd_alpha']:g} | {r['kd_temperature']:g} | {_pct(_num(r['val_acc']))} | "
+                f"{_pct(_num(r['test_acc']))} | {_fmt(_num(r['train_seconds']), '.1f')} | `{r['command']}` |"
+            )
+        by_source: dict[str, float] = defaultdict(float)
+        for r in tune:
+            by_source[r["source"]] += _num(r["train_seconds"])
+        cost = ", ".join(
+            f"{s} {v:.0f} s ({sum(1 for r in tune if r['source'] == s)} runs)" for s, v in by_source.items()
+        )
+        lines += ["", f"Tuning cost: {cost}."]
+    lines += [
+        "",
+        "Reproduce a row (one seed shown; change train.seed and train.run_name for the others):",
+        "",
+    ]
     for row in summary:
         lines.append(f"- {row['method']} / {row['source']}: `{row['command']}`")
+    extra = {}
+    for r in cells(rows or []):
+        if r.get("teacher_command"):
+            extra.setdefault(f"teacher ({r['source']})", r["teacher_command"])
+        if r.get("stage1_command"):
+            extra.setdefault(f"stage one ({r['source']})", r["stage1_command"])
+    for what, command in sorted(extra.items()):
+        lines.append(f"- {what}: `{command}`")
     return "\n".join(lines) + "\n"
 
 
 def write_summary(out_dir: str | Path, rows: list[dict[str, Any]], title: str) -> Path:
     summary = aggregate(rows)
     path = Path(out_dir) / "summary.md"
-    atomic_write_text(path, summary_markdown(summary, title))
+    atomic_write_text(path, summary_markdown(summary, title, rows))
     return path
 
 
@@ -137,31 +214,47 @@ def write_plots(out_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    markers = dict(zip(sources, "os^Dv<>", strict=False))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for row in summary:
-        cost = row["train_seconds"] + row["stage1_s_per_sample"] * row.get("n", 1)
-        ax.errorbar(cost, 100 * row["test_mean"], yerr=100 * row["test_std"], fmt="o", capsize=3)
-        ax.annotate(f"{row['method']}/{row['source']}", (cost, 100 * row["test_mean"]), fontsize=7)
-    ax.set_xlabel("cost: training seconds + stage-one seconds (per cell)")
+        ax.errorbar(
+            row["total_seconds"],
+            100 * row["test_mean"],
+            yerr=100 * row["test_std"],
+            fmt=markers.get(row["source"], "o"),
+            color=colours[row["method"]],
+            capsize=3,
+            label=f"{row['method']} / {row['source']}",
+        )
+    ax.set_xlabel("seconds per student: stage one + teacher + KD tuning + training")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy against cost")
+    ax.set_title("accuracy against total cost")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(out_dir / "cost.png")
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    curves = [r for r in rows if r["method"] == "messy" and r.get("loss_curves")]
+    curves = [r for r in cells(rows) if r["method"] == "messy" and r.get("loss_curves")]
     if curves:
-        fig, ax = plt.subplots(figsize=(5.2, 3.6))
-        for row in curves:
-            for term, values in sorted(row["loss_curves"].items()):
-                if term.startswith("messy/"):
-                    ax.plot(values, label=f"{row['source']} s{row['seed']} {term}", linewidth=0.8)
-        ax.set_xlabel("logged step")
-        ax.set_ylabel("MSE")
-        ax.set_yscale("log")
-        ax.set_title("MESSy per-layer, per-modality losses")
-        ax.legend(fontsize=5, ncol=2)
+        # one panel per source; each layer/modality term averaged over seeds (to the shortest run)
+        panels = list(dict.fromkeys(r["source"] for r in curves))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+        for ax, source in zip(axes[0], panels, strict=True):
+            members = [r for r in curves if r["source"] == source]
+            terms = sorted({t for r in members for t in r["loss_curves"] if t.startswith("messy/")})
+            for term in terms:
+                series = [r["loss_curves"][term] for r in members if r["loss_curves"].get(term)]
+                length = min(len(v) for v in series)
+                mean = [sum(v[k] for v in series) / len(series) for k in range(length)]
+                ax.plot(mean, label=term.removeprefix("messy/"), linewidth=1.0)
+            ax.set_title(f"source {source} ({len(members)} seeds)")
+            ax.set_xlabel("logged step")
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("MSE to the teacher's tokens")
+        fig.suptitle("MESSy per-layer, per-modality losses")
         fig.tight_layout()
         written.append(out_dir / "messy_layers.png")
         fig.savefig(written[-1], dpi=120)

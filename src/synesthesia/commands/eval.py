@@ -2,7 +2,9 @@
 
 Evaluates a trained model on a split of the pipeline's dataset and prints JSON:
 a student export folder or student run (the exported student), or a teacher
-run (its selected weights, with every modality and with each one missing).
+run (its selected weights, with every modality and with each one missing;
+for a teacher trained with a teacher objective, through the objective's
+``predict``, e.g. basis-realloc's fusion head with missing-modality substitution).
 Without ``--model``, the run the pipeline's ``train`` section would write.
 """
 

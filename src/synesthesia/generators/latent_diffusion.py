@@ -31,7 +31,20 @@ scheduler directly. It loads two kinds of diffusers-format folders:
 ``samples_per_input`` S > 1 draws S independent samples per input (the
 augmentation stage two draws from); the noise of every sample comes from a
 generator seeded by ``key_seed(key, seed)``, so a key's latents do not depend on
-the batch it was in. ``decode()`` (the VAE decoder, plus the inverse modality
+the batch it was in.
+
+``ensemble`` N > 1 is Marigold's test-time ensembling carried to the latent that
+stage one writes: each of the S outputs is the mean of N independently seeded
+samples, ``ẑ = (1/N) Σₙ z₀⁽ⁿ⁾``. One sample of a conditional generator has the
+spread of the posterior p(z | rgb), so its expected squared error to the true
+latent is about twice the posterior variance; the N-mean converges to the
+posterior mean, the MSE-optimal estimate, with error ≈ (1 + 1/N) × the variance.
+Marigold ensembles decoded affine-invariant depth maps after a scale/shift
+alignment; latents have no such gauge freedom (the bootstrap targets are metric),
+so the plain mean is the estimator here. The draws of one key come from its one
+generator in order (output s uses draws s·N … s·N + N − 1), so N = 1 reproduces
+exactly the non-ensembled latents. The default is the folder's ``ensemble``
+(bootstrap models; 1 when absent and for Marigold folders). ``decode()`` (the VAE decoder, plus the inverse modality
 mapping for bootstrap models) exists only for the decode-encode ablation.
 """
 
@@ -269,6 +282,29 @@ def sample_latents(
     return latent
 
 
+@torch.no_grad()
+def draw_latents(
+    denoise,
+    scheduler,
+    cond: torch.Tensor,
+    generators: list[torch.Generator],
+    target_shape: tuple[int, ...],
+    num_inference_steps: int,
+    draws: int = 1,
+) -> torch.Tensor:
+    """``draws`` samples per row of ``cond`` (B×C×h×w) → B·draws latents, row-major (row b: b·draws …).
+
+    Row b's draws all take their noise, in order, from ``generators[b]`` (one
+    per key, seeded by ``key_seed``), so draw d of a key is the same whatever the
+    batch and whatever the total number of draws: the stage-one generator and the
+    bootstrap quality report share this function and therefore the samples.
+    """
+    cond = cond.repeat_interleave(draws, dim=0)
+    rows = [g for g in generators for _ in range(draws)]
+    noise = initial_noise(tuple(target_shape), rows, cond.device, cond.dtype)
+    return sample_latents(denoise, scheduler, cond, noise, num_inference_steps, rows)
+
+
 def _step_params(scheduler) -> set[str]:
     import inspect
 
@@ -300,7 +336,9 @@ class LatentDiffusionGenerator(Generator):
     Marigold's ``default_denoising_steps``), ``image_size`` (int or [h, w]; RGB is
     resized to it; default: the folder's ``rgb_size`` / Marigold's
     ``default_processing_resolution``), ``vae_weights`` (TAEF2 weights folder for
-    ``"vae": "tae"`` models; default: ``$SYNESTHESIA_TAEF2`` or ../shared).
+    ``"vae": "tae"`` models; default: ``$SYNESTHESIA_TAEF2`` or ../shared),
+    ``ensemble`` (N seeded samples averaged into each written latent; default: the
+    folder's ``ensemble``, else 1).
     """
 
     name = "latent-diffusion"
@@ -316,13 +354,13 @@ class LatentDiffusionGenerator(Generator):
         inference_steps: int | None = None,
         image_size: int | list[int] | None = None,
         vae_weights: str | None = None,
+        ensemble: int | None = None,
     ):
         super().__init__()
         check_common(self.name, samples_per_input=samples_per_input, seed=seed)
-        if inference_steps is not None and (not isinstance(inference_steps, int) or inference_steps < 1):
-            raise UserError(
-                f"latent-diffusion: inference_steps must be a positive integer, got {inference_steps!r}"
-            )
+        for option, value in (("inference_steps", inference_steps), ("ensemble", ensemble)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UserError(f"latent-diffusion: {option} must be a positive integer, got {value!r}")
         self.folder = resolve_folder(weights)
         self.weights = str(weights)
         self.modality = modality
@@ -343,6 +381,8 @@ class LatentDiffusionGenerator(Generator):
             valid = ", ".join([BOOTSTRAP_CLASS, *MARIGOLD_CLASSES])
             raise UserError(f"{self.folder}: model class {self.kind!r} is not supported; valid: {valid}")
         self.inference_steps = int(inference_steps or default_steps or 1)
+        default_ensemble = self.index.get("ensemble") if self.kind == BOOTSTRAP_CLASS else None
+        self.ensemble = int(ensemble or default_ensemble or 1)
         self.image_size = _image_size(
             image_size if image_size is not None else default_size, "latent-diffusion"
         )
@@ -421,6 +461,7 @@ class LatentDiffusionGenerator(Generator):
                 "model_class": self.kind,
                 "scheduler": type(self.scheduler).__name__,
                 "inference_steps": self.inference_steps,
+                "ensemble": self.ensemble,
                 "image_size": list(self.image_size),
                 **self.codec.describe(),
             },
@@ -438,6 +479,7 @@ class LatentDiffusionGenerator(Generator):
                 "samples_per_input": self.samples_per_input,
                 "seed": self.seed,
                 "inference_steps": self.inference_steps,
+                "ensemble": self.ensemble,
                 "image_size": list(self.image_size),
             },
         }
@@ -482,15 +524,17 @@ class LatentDiffusionGenerator(Generator):
         device = next(self.unet.parameters()).device
         cond = self.condition(rgb.to(device))
         S = self.samples_per_input
-        cond = cond.repeat_interleave(S, dim=0)
-        per_key = key_generators(keys, self.seed)
-        generators = [g for g in per_key for _ in range(S)]
-        noise = initial_noise(tuple(self.target_shape), generators, device, cond.dtype)
-        latent = sample_latents(self.denoise, self.scheduler, cond, noise, self.inference_steps, generators)
-        latent = latent.float()
-        if S > 1:
-            return latent.reshape(rgb.shape[0], S, *latent.shape[1:])
-        return latent
+        latent = draw_latents(
+            self.denoise,
+            self.scheduler,
+            cond,
+            key_generators(keys, self.seed),
+            tuple(self.target_shape),
+            self.inference_steps,
+            draws=S * self.ensemble,
+        ).float()
+        latent = latent.reshape(rgb.shape[0], S, self.ensemble, *latent.shape[1:]).mean(dim=2)
+        return latent if S > 1 else latent[:, 0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

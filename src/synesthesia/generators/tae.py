@@ -244,7 +244,10 @@ class TAEGenerator(Generator):
         self.params = mappings.mapping_params(modality, **options)
         self.image_hw = mappings.image_shape(modality, **self.params)
         enc_path, dec_path = taef2_paths(weights)
-        self.weights_source = str(enc_path.parent)
+        # The identity (and so the stage-one cache key) names the weights by release and file name
+        # and pins them by sha256: moving the weights folder must not invalidate a sidecar set.
+        self.weights_source = {"name": "taef2", "encoder": enc_path.name, "decoder": dec_path.name}
+        self.weights_path = str(enc_path.parent)
         self.weights_sha256 = {"encoder": sha256_file(enc_path), "decoder": sha256_file(dec_path)}
         self.encoder, self.decoder = load_taef2_files(enc_path, dec_path)
 

@@ -7,7 +7,18 @@ the method module, are trained with the student and are dropped at export
 simply because the exported student module does not contain them.
 
 The batch the trainer provides: ``"rgb"`` (B, 3, H, W), ``"label"`` (B,) long,
-``"latents"`` {modality: standardised latent (B, *shape)}, ``"keys"`` list[str].
+``"latents"`` {modality: standardised latent (B, *shape)}, ``"keys"`` list[str]
+(and ``"decoded"`` {modality: raw signal} with ``train.source=decoded``).
+
+Two stages. A *student* method (``stage = "student"``, the default) is
+``forward(student_out, teacher_out, batch) -> dict``. A *teacher objective*
+(``stage = "teacher"``: ``modalimmune``, ``basis-realloc``) trains the
+multimodal teacher itself through ``teacher_step(teacher, batch) -> dict``;
+``after_backward(teacher) -> dict`` runs between backward and the optimizer
+step; ``predict(teacher, batch) -> logits`` is what val/test evaluate;
+``diagnostics(teacher, batch) -> dict`` reports collapse. The trainer saves a
+teacher objective's own parameters and buffers beside the teacher's weights
+(``best/method.safetensors``), so ``predict`` works after loading ``best/``.
 ``forward`` returns a dict with ``"loss"`` (the scalar to minimise) and every
 named term that makes it up (scalars, e.g. ``"ce"``, ``"kd"``,
 ``"messy/l4/depth"``), all of which the trainer logs.
@@ -39,7 +50,10 @@ class MethodContext:
     ``teacher_dim``/``teacher_depth``: the teacher's width and block count;
     ``modalities``: the privileged modalities; ``latent_dims``: per modality,
     the flattened width of one sample's standardised latent, i.e. the product
-    of its shape (for MESSy's ``target: latent``).
+    of its shape (for MESSy's ``target: latent``); ``modality_specs``: per
+    modality, the teacher-style input spec (``kind``, ``shape``, ``vocab``, as
+    ``DataSpec.teacher_modalities()``), so a method can build real adapters
+    (cotrain's multimodal branch).
     """
 
     num_classes: int
@@ -49,6 +63,7 @@ class MethodContext:
     teacher_depth: int = 0
     modalities: tuple[str, ...] = ()
     latent_dims: dict[str, int] | None = None
+    modality_specs: dict[str, dict] | None = None
 
 
 class Method(nn.Module):
@@ -63,6 +78,7 @@ class Method(nn.Module):
     """
 
     needs_teacher: bool = False
+    stage: str = "student"
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext):
         super().__init__()

@@ -37,13 +37,18 @@ tokens: L_att = KL(a_mm ‖ a_s).
 
 What this method needs from the student: ``features[l]`` (pooled, as every
 method) and, for token-level sharing, ``StudentOutput.tokens[l]`` — the (B, N,
-D_l) patch tokens (NLC) or (B, C, h, w) map of each layer in
-``student_layers()`` (the trainer fills it when ``needs_tokens`` is True).
-Without ``tokens`` the pooled feature is used as a single RGB token, and
-attention transfer is refused.
+D_l) token sequence of each layer in ``student_layers()``: a ViT's patch tokens
+(CLS excluded), a CNN's stage map flattened to h·w tokens. The student fills it
+from the same ``forward_intermediates`` call as ``features`` whenever layers
+are requested, so the branch runs over the shared layer's tokens at no extra
+student cost; the exported student is the plain one. Given an output without
+``tokens`` (a hand-built :class:`StudentOutput`), the pooled feature is used as
+a single RGB token, and attention transfer is refused.
 
 Modality specs (``kind``/``shape``/``vocab``, as the teacher's) come from
-``MethodContext.modality_specs`` when the trainer provides it, else from
+``MethodContext.modality_specs`` (the trainer provides them: latent tokens go
+through the teacher's adapters, raw signals with ``train.source=decoded``
+through its conv encoder), else from
 ``method.options.modalities``; failing both, each standardised latent is
 flattened (``MethodContext.latent_dims``) and mapped by LayerNorm + Linear to
 ``flat_tokens`` [4] tokens.
@@ -151,7 +156,6 @@ class CoTrain(Method):
     """RGB branch + multimodal transformer branch over shared student tokens and latent tokens."""
 
     needs_teacher = False
-    needs_tokens = True
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
@@ -186,7 +190,7 @@ class CoTrain(Method):
         self.type_embed = nn.ParameterDict({"rgb": nn.Parameter(torch.zeros(1, 1, dim))})
         self.adapters = nn.ModuleDict()
         self.pos_embed = nn.ParameterDict()
-        specs = getattr(ctx, "modality_specs", None) or o.get("modalities") or {}
+        specs = ctx.modality_specs or o.get("modalities") or {}
         self.modalities = tuple(ctx.modalities)
         if not self.modalities:
             raise UserError("cotrain needs privileged modalities (train.modalities, train.source != none)")

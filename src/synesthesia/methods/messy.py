@@ -114,6 +114,20 @@ class Messy(Method):
     def student_layers(self) -> list[int]:
         return list(self.layers)
 
+    def teacher_layers(self) -> list[int] | None:
+        """The teacher blocks whose hidden states the loss reads (``teacher(..., layers=)``), or None
+        when unknown (no teacher depth in the context). The target ``latent`` reads none."""
+        if not self.needs_teacher:
+            return []
+        if self.ctx.teacher_depth <= 0:
+            return None
+        return sorted(
+            {
+                matched_teacher_layer(layer, self.ctx.student_depth, self.ctx.teacher_depth)
+                for layer in self.layers
+            }
+        )
+
     def _latent_target(self, batch: dict, modality: str) -> torch.Tensor:
         latents = batch.get("latents") or {}
         if modality not in latents:

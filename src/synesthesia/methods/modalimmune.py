@@ -45,7 +45,10 @@ is silent — every choice is an option (``method.options``), default in bracket
    ``mask_scope: global``). *Fix of the paper's rule:* as written, masking
    fires when the Fisher's minimum eigenvalue is below −τ, which a positive
    semi-definite matrix never is; the quantile test above can fire, and does
-   where destructive updates meet sharp curvature.
+   where destructive updates meet sharp curvature. λ, the controller's scores
+   and the step count are buffers (checkpointed, and saved with the teacher
+   run's ``best/``); the running Fisher is not: a resumed run re-estimates it
+   from its first gradient.
 
 4. **Neumann-truncated hypergradient** for λ. Every ``hyper_every`` [20] steps
    the batch is split: a fraction ``meta_fraction`` [0.25] serves as the

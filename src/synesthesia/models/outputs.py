@@ -11,7 +11,8 @@ import torch
 class TeacherOutput:
     """What the multimodal teacher returns.
 
-    ``hidden_states[l]`` is the (B, N, D) token sequence after block ``l``;
+    ``hidden_states[l]`` is the (B, N, D) token sequence after block ``l`` (``None`` for a
+    block not asked for with the teacher's ``layers=``);
     ``spans[m]`` is the (start, end) slice of modality ``m``'s tokens in it
     (``spans["rgb"]`` the RGB patches; the CLS token is index 0).
     ``present[m]`` is a (B,) bool mask: True where modality ``m``'s real tokens
@@ -19,7 +20,7 @@ class TeacherOutput:
     """
 
     logits: torch.Tensor
-    hidden_states: list[torch.Tensor]
+    hidden_states: list[torch.Tensor | None]
     spans: dict[str, tuple[int, int]]
     present: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -37,11 +38,17 @@ class TeacherOutput:
 
 @dataclass
 class StudentOutput:
-    """What an RGB-only student returns: logits and pooled features of the requested layers.
+    """What an RGB-only student returns: logits, pooled features and token sequences of the requested layers.
 
     ``features[l]`` is (B, D_l): the CLS token after block ``l`` for a ViT, the
     globally pooled output of stage ``l`` for a CNN (non-negative layer indices).
+    ``tokens[l]`` is (B, N_l, D_l), the same layer as a token sequence: a ViT's
+    patch tokens after block ``l`` (prefix tokens such as CLS excluded), a
+    CNN's stage-``l`` map flattened row-major to h·w tokens. Both come from the
+    one ``forward_intermediates`` call (no extra compute); without requested
+    layers, both are empty and the forward is the plain model's.
     """
 
     logits: torch.Tensor
     features: dict[int, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)

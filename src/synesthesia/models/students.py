@@ -17,7 +17,9 @@ index ``l`` is timm's (one per entry of ``model.feature_info``: a block for a
 ViT, a stage for a CNN — for a timm ResNet index 0 is the stem). ``features[l]``
 is (B, D_l): the CLS token after block ``l`` for models with prefix tokens, the
 mean of the tokens for a ViT without them, the global average of stage ``l``'s
-map for a CNN. The exported student is this module alone: a method's heads live
+map for a CNN; ``tokens[l]`` is the same layer as a (B, N_l, D_l) token
+sequence (a ViT's patch tokens, a CNN's map flattened), which token-level
+methods (``cotrain``) read. The exported student is this module alone: a method's heads live
 in the method, never here.
 """
 
@@ -119,8 +121,8 @@ def create_backbone(cfg: StudentConfig, num_classes: int, image_size: int) -> nn
 class Student(nn.Module):
     """An RGB-only classifier around a timm backbone (``self.model``).
 
-    ``forward(rgb, layers)`` → :class:`StudentOutput` with ``logits`` and pooled
-    ``features[l]`` for each requested layer (negative indices count from the
+    ``forward(rgb, layers)`` → :class:`StudentOutput` with ``logits``, pooled
+    ``features[l]`` and ``tokens[l]`` (B, N_l, D_l) for each requested layer (negative indices count from the
     end and are returned under their non-negative index). ``feature_dims[l]``
     is the width of ``features[l]``; ``depth`` the number of layers.
     """
@@ -162,6 +164,17 @@ class Student(nn.Module):
             return feature.mean(dim=1)
         return feature
 
+    @staticmethod
+    def _tokens(feature: Any) -> torch.Tensor:
+        """(B, N, D) tokens of one intermediate: ViT patch tokens (prefix dropped) or a flattened NCHW map."""
+        if isinstance(feature, tuple):
+            feature = feature[0]
+        if feature.ndim == 4:
+            return feature.flatten(2).transpose(1, 2)
+        if feature.ndim == 2:
+            return feature.unsqueeze(1)
+        return feature
+
     def forward(self, rgb: torch.Tensor, layers: list[int] | None = None) -> StudentOutput:
         if not layers:
             return StudentOutput(logits=self.model(rgb))
@@ -173,8 +186,10 @@ class Student(nn.Module):
         else:
             final, intermediates = self.model.forward_intermediates(rgb, indices=indices)
         logits = self.model.forward_head(final)
-        features = {index: self._pool(feat) for index, feat in zip(indices, intermediates, strict=True)}
-        return StudentOutput(logits=logits, features=features)
+        pairs = list(zip(indices, intermediates, strict=True))
+        features = {index: self._pool(feat) for index, feat in pairs}
+        tokens = {index: self._tokens(feat) for index, feat in pairs}
+        return StudentOutput(logits=logits, features=features, tokens=tokens)
 
     def config_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild this student (JSON-able); weights go beside it."""

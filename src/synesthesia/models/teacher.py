@@ -22,6 +22,7 @@ hallucination distil from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -149,12 +150,24 @@ class MultimodalTeacher(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def _layer_set(self, layers: Sequence[int] | None) -> set[int] | None:
+        """Block indices (negative from the end) → a set of non-negative ones; UserError when out of range."""
+        if layers is None:
+            return None
+        out = set()
+        for layer in layers:
+            if not -self.depth <= int(layer) < self.depth:
+                raise UserError(f"teacher layer {layer} is out of range for a depth-{self.depth} teacher")
+            out.add(int(layer) % self.depth)
+        return out
+
     def forward(
         self,
         rgb: torch.Tensor,
         inputs: dict[str, torch.Tensor] | None = None,
         drop: bool | None = None,
         present: dict[str, torch.Tensor] | None = None,
+        layers: Sequence[int] | None = None,
     ) -> TeacherOutput:
         """Classify ``rgb`` (B, 3, H, W) with the privileged ``inputs`` {modality: (B, *shape)}.
 
@@ -163,7 +176,14 @@ class MultimodalTeacher(nn.Module):
         sample. Modality dropout is applied when ``drop`` is True, or when it is
         None and the module is in training mode. ``TeacherOutput.present`` says
         which samples saw each modality's real tokens.
+
+        ``layers`` (block indices, negative ones counted from the end) keeps only
+        those blocks' hidden states: ``hidden_states`` still has one entry per
+        block, ``None`` for the others, so a frozen teacher distilled from at a
+        few depths does not hold every block's (B, N, D) tokens alive. None (the
+        default) keeps them all.
         """
+        keep_layers = self._layer_set(layers)
         inputs = inputs or {}
         unknown = sorted(set(inputs) - set(self.modalities))
         if unknown:
@@ -195,10 +215,10 @@ class MultimodalTeacher(nn.Module):
             parts += [self.separators[name].expand(batch, -1, -1), tokens]
         x = torch.cat(parts, dim=1)
 
-        hidden_states = []
-        for block in self.blocks:
+        hidden_states: list[torch.Tensor | None] = []
+        for index, block in enumerate(self.blocks):
             x = block(x)
-            hidden_states.append(x)
+            hidden_states.append(x if keep_layers is None or index in keep_layers else None)
         logits = self.head(self.norm(x)[:, 0])
         return TeacherOutput(logits=logits, hidden_states=hidden_states, spans=self.spans(), present=kept)
 

@@ -56,9 +56,21 @@ def shard_paths(directory: str | Path, split: str) -> list[Path]:
 
 
 def iter_shard(path: str | Path, handler: ErrorPolicy | None = None) -> Iterator[dict[str, Any]]:
-    """The raw samples (``__key__`` and ``field -> bytes``) of one tar shard, in order."""
+    """The raw samples (``__key__`` and ``field -> bytes``) of one tar shard, in order.
+
+    The caller chose this shard, so no node or worker splitter runs: webdataset's
+    defaults (``single_node_only``, ``split_by_worker``) would refuse to run under
+    ``torch.distributed`` or hand this one shard to DataLoader worker 0 only.
+    """
     handler = handler or ErrorPolicy("raise")
-    dataset = wds.WebDataset(str(path), shardshuffle=False, handler=handler, empty_check=False)
+    dataset = wds.WebDataset(
+        str(path),
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        handler=handler,
+        empty_check=False,
+    )
     for sample in dataset:
         sample.pop("__url__", None)
         sample.pop("__local_path__", None)

@@ -60,11 +60,15 @@ def write_shard(path: str | Path, samples: list[dict[str, Any]]) -> ShardInfo:
         if sample["__key__"] in keys:
             raise SchemaError(f"duplicate key {sample['__key__']!r} in one shard", "duplicate_key")
         keys.add(sample["__key__"])
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        writer = wds.TarWriter(fh, user="synesthesia", group="synesthesia", mtime=0, encoder=False)
+    # atomic_path removes the temporary file when anything below raises; the TarWriter is closed
+    # either way (``with``), so no descriptor stays open on a failure and no partial shard appears.
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as fh,
+        wds.TarWriter(fh, user="synesthesia", group="synesthesia", mtime=0, encoder=False) as writer,
+    ):
         for sample in samples:
             writer.write(sample)
-        writer.close()
     return shard_info(path, len(samples))
 
 

@@ -7,6 +7,8 @@ A run folder ``<out>/<pipeline name>/<run name>/`` holds::
                              and best/ as it was then (a checkpoint is whole)
     checkpoints/latest       the name of the newest complete checkpoint (written after it)
     best/model.safetensors   the weights selected on val, with best/model.json to rebuild the model
+    best/method.safetensors  teacher objectives only: the objective's own parameters and buffers
+                             (e.g. basis-realloc's fusion head), beside the teacher's unchanged ones
     metrics.json             val history, the selection, the test split (evaluated once, at the end)
     logs/                    tracker output (jsonl by default)
     export/                  students only: the deployable model (see synesthesia.train.export)
@@ -31,9 +33,24 @@ from synesthesia.utils import atomic_write_text
 LATEST = "latest"
 
 
+def teacher_objective(cfg) -> str | None:
+    """The teacher objective a teacher run trains with (``method.name`` of a ``stage = "teacher"``
+    method, e.g. ``modalimmune``), or None for the plain teacher (cross-entropy)."""
+    from synesthesia.methods import METHODS
+
+    if cfg.train.stage != "teacher" or cfg.method.name not in METHODS:
+        return None
+    return cfg.method.name if getattr(METHODS.get(cfg.method.name), "stage", "student") == "teacher" else None
+
+
 def default_run_name(cfg) -> str:
-    """``teacher-<source>-s<seed>`` for the teacher, ``<method>-<source>-s<seed>`` for a student."""
-    head = "teacher" if cfg.train.stage == "teacher" else cfg.method.name
+    """``teacher-<source>-s<seed>`` for the plain teacher, ``teacher-<objective>-<source>-s<seed>``
+    for a teacher trained with a teacher objective, ``<method>-<source>-s<seed>`` for a student."""
+    if cfg.train.stage == "teacher":
+        objective = teacher_objective(cfg)
+        head = f"teacher-{objective}" if objective else "teacher"
+    else:
+        head = cfg.method.name
     return f"{head}-{cfg.train.source}-s{cfg.train.seed}"
 
 
@@ -43,9 +60,19 @@ def run_dir(cfg, out: str | Path = "runs") -> Path:
 
 
 def teacher_dir(cfg, out: str | Path = "runs") -> Path:
-    """The teacher run a student distils from: ``train.teacher``, else ``<out>/<name>/teacher-<source>-s<seed>``."""
-    if cfg.train.teacher:
-        return Path(cfg.train.teacher)
+    """The teacher run a student distils from.
+
+    ``train.teacher`` as a folder path (one that exists, or that has a path
+    separator); a bare name (``teacher-modalimmune-latent-s0``) is a run of this
+    pipeline, ``<out>/<name>/<train.teacher>``; unset, the plain teacher
+    ``<out>/<name>/teacher-<source>-s<seed>``.
+    """
+    chosen = cfg.train.teacher
+    if chosen:
+        path = Path(chosen)
+        if path.is_dir() or len(path.parts) > 1 or path.is_absolute():
+            return path
+        return Path(out) / cfg.name / chosen
     return Path(out) / cfg.name / f"teacher-{cfg.train.source}-s{cfg.train.seed}"
 
 
@@ -118,6 +145,23 @@ def save_weights(model: torch.nn.Module, config: dict[str, Any], folder: Path) -
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     atomic_write_text(folder / "model.json", json.dumps(config, indent=2) + "\n")
+
+
+def save_method_state(method: torch.nn.Module, folder: Path) -> None:
+    """A teacher objective's parameters and buffers as ``method.safetensors`` beside the teacher's weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()}
+    tmp = folder / ".method.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / "method.safetensors")
+
+
+def load_method_state(folder: Path) -> dict[str, torch.Tensor]:
+    """What :func:`save_method_state` wrote; a UserError when ``folder`` has none."""
+    path = folder / "method.safetensors"
+    if not path.is_file():
+        raise UserError(f"{folder} has no method.safetensors (was it trained with a teacher objective?)")
+    return load_file(str(path))
 
 
 def copy_best(source: Path, target: Path) -> None:

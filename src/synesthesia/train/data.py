@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from synesthesia import UserError
@@ -48,7 +49,6 @@ from synesthesia.generators.base import key_seed
 from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, aligned_shards
 from synesthesia.shards.schema import SchemaError, decode_npy, decoded_field, image_field, latent_field
 from synesthesia.shards.writer import Manifest
-from synesthesia.sources.signals import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -253,11 +253,13 @@ def resolve_data(cfg) -> DataSpec:
             if s.kind == "decoded" and not s.spec.get("shape"):
                 shape = list(decode_npy(sample[s.field]).shape)
                 sidecars[m] = Sidecar(m, s.directory, s.kind, {"shape": shape}, s.mean, s.std)
-        probed = min(decode_image(sample[image_field(sample)]).shape[:2])
+        probed = min(decode_rgb(sample[image_field(sample)]).shape[1:])
     recorded = extra.get("image_size")
     if isinstance(recorded, list | tuple):  # [H, W] as the scenes renderer records it
         if len(set(recorded)) != 1:
-            raise UserError(f"source images are {recorded[0]}x{recorded[1]}; set train.image_size for a square crop")
+            raise UserError(
+                f"source images are {recorded[0]}x{recorded[1]}; set train.image_size for a square crop"
+            )
         recorded = recorded[0]
     image_size = train.image_size if train.image_size > 0 else int(recorded or probed)
     num_classes = int(extra["num_classes"])
@@ -345,6 +347,15 @@ def rgb_transform(image_size: int, train: bool) -> v2.Compose:
     )
 
 
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """PNG/JPEG bytes → 3×H×W uint8 tensor, decoded by ``torchvision.io`` (libpng/libjpeg-turbo)
+    straight into a tensor; unreadable images raise SchemaError."""
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as exc:
+        raise SchemaError(f"unreadable image ({exc.__class__.__name__})") from None
+
+
 class SampleDecoder:
     """Raw merged sample (``field -> bytes``) → tensors; bad samples raise SchemaError."""
 
@@ -381,10 +392,13 @@ class SampleDecoder:
             label = int(raw["cls"].decode().strip())
         except (KeyError, ValueError, AttributeError):
             raise SchemaError(f"sample {key!r}: missing or bad cls") from None
-        image = torch.from_numpy(np.array(decode_image(raw[image_field(raw)]))).permute(2, 0, 1)
+        image = decode_rgb(raw[image_field(raw)])
         if self.augment:
+            # transforms.v2 draws from the global CPU generator: seed it for this sample inside a
+            # fork (state restored after). Seeding only the CPU generator, not torch.manual_seed,
+            # leaves the CUDA generators alone and skips their lazy-seeding bookkeeping (~0.3 ms).
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(rng.integers(2**62)))
+                torch.default_generator.manual_seed(int(rng.integers(2**62)))
                 rgb = self.transform(image)
         else:
             rgb = self.transform(image)

@@ -1,5 +1,11 @@
 """Top-1 accuracy over a split, summed over ranks; the teacher with each modality missing.
 
+For a teacher, also the robustness report (:func:`robustness_report`): accuracy
+with every modality, each one removed (null tokens) and each one corrupted
+(Gaussian noise, and shuffled across the batch), and the collapse diagnostics
+on one test batch — for the plain teacher, or through a teacher objective's
+``predict`` and ``diagnostics``.
+
 Evaluation runs the unwrapped model (no DDP collectives per batch); each rank
 reads its own block of the split (every sample once across ranks) and the
 counts are summed with one ``accelerator.reduce`` at the end.
@@ -87,6 +93,70 @@ def teacher_predictors(teacher: torch.nn.Module, missing: bool = False) -> dict[
     return out
 
 
+def objective_predictors(teacher: torch.nn.Module, objective, missing: bool = False) -> dict[str, Callable]:
+    """As :func:`teacher_predictors`, through a teacher objective's ``predict(teacher, batch)``."""
+    from synesthesia.methods.modalimmune import privileged, with_privileged
+
+    out = {"all": lambda batch: objective.predict(teacher, batch)}
+    if missing:
+        for modality in teacher.modalities:
+
+            def predict(batch, _m=modality):
+                inputs = {k: v for k, v in privileged(batch).items() if k != _m}
+                return objective.predict(teacher, with_privileged(batch, inputs))
+
+            out[f"without_{modality}"] = predict
+        out["rgb_only"] = lambda batch: objective.predict(teacher, with_privileged(batch, {}))
+    return out
+
+
+def robustness_report(teacher: torch.nn.Module, objective, loader: ShardLoader, accelerator, seed: int = 0):
+    """``{"robustness": {...}, "diagnostics": {...}}`` of a trained teacher (or teacher objective) on ``loader``.
+
+    ``robustness``: top-1 under ``full``, ``removed/<m>``, ``corrupted/<m>``
+    (Gaussian noise with the batch's mean and std), ``shuffled/<m>`` (another
+    sample's real input) and ``removed/all``
+    (:func:`~synesthesia.methods.modalimmune.modality_robustness`, seeded),
+    averaged over ranks by sample count. ``diagnostics``: the objective's
+    ``diagnostics`` (else :func:`~synesthesia.methods.modalimmune.teacher_diagnostics`)
+    on the first batch this process reads: per-modality contribution (CE
+    without m − CE with all), accuracy without m, stable rank of each
+    modality's pooled tokens and stable/effective rank of the fused CLS features.
+    """
+    from accelerate.utils import gather_object
+
+    from synesthesia.methods.modalimmune import modality_robustness, teacher_diagnostics, teacher_predict
+
+    inner = (lambda b: objective.predict(teacher, b)) if objective is not None else teacher_predict(teacher)
+
+    def predict(batch: dict[str, Any]) -> torch.Tensor:  # batches stay on the host between conditions
+        return inner(to_device(batch, accelerator.device)).float().cpu()
+
+    modalities = list(teacher.modalities)
+    batches = list(loader.epoch(0))
+    count = sum(int(b["label"].numel()) for b in batches)
+    local: dict[str, float] = {}
+    diagnostics: dict[str, float] = {}
+    if count:
+        with accelerator.autocast():
+            local = modality_robustness(predict, batches, modalities, "gaussian", seed)
+            shuffled = modality_robustness(predict, batches, modalities, "shuffle", seed)
+            local.update({f"shuffled/{m}": shuffled[f"corrupted/{m}"] for m in modalities})
+            first = next((b for b in batches if b["label"].numel() >= 2), None)
+            if first is not None:
+                source = objective.diagnostics if objective is not None else teacher_diagnostics
+                report = source(teacher, to_device(first, accelerator.device))
+                diagnostics = {k: float(v) for k, v in report.items()}
+    parts = gather_object([(count, local, diagnostics)])
+    total = sum(n for n, _, _ in parts)
+    report = {}
+    if total:
+        names = next(r for n, r, _ in parts if n)
+        report = {k: sum(n * r[k] for n, r, _ in parts if n) / total for k in names}
+    diag = next((d for _, _, d in parts if d), {})
+    return {"robustness": report, "diagnostics": diag}
+
+
 def evaluate_model(cfg, path, split: str = "test") -> dict[str, Any]:
     """Evaluate an exported student, a student run or a teacher run on ``split`` of ``cfg``'s dataset."""
     from pathlib import Path
@@ -102,17 +172,16 @@ def evaluate_model(cfg, path, split: str = "test") -> dict[str, Any]:
 
     path = Path(path)
     accelerator = Accelerator(cpu=use_cpu(cfg.train.device), mixed_precision=cfg.train.precision)
+    objective = None
     if (path / "best" / "model.json").is_file() and not (path / "export").is_dir():
-        state, config = load_weights(path / "best")
+        _, config = load_weights(path / "best")
         if config.get("kind") != "teacher":
             raise UserError(f"{path} is a {config.get('kind')} run without an export folder")
-        from synesthesia.models.teacher import MultimodalTeacher
+        from synesthesia.train.loop import load_teacher_objective
 
-        model = MultimodalTeacher.from_config_dict(config["model"])
-        model.load_state_dict(state)
+        model, objective = load_teacher_objective(path)
         modalities = json.dumps(list(model.modalities))
         overrides = [f"train.source={config['source']}", f"train.modalities={modalities}"]
-        predictors = teacher_predictors(model, missing=True)
         main = "all"
     else:
         model = load_student(path)
@@ -127,6 +196,12 @@ def evaluate_model(cfg, path, split: str = "test") -> dict[str, Any]:
         spec, split, cfg.train, rank=accelerator.process_index, world=accelerator.num_processes
     )
     model = model.to(accelerator.device).eval()
+    if main == "all":
+        if objective is not None:
+            objective.to(accelerator.device)
+            predictors = objective_predictors(model, objective, missing=True)
+        else:
+            predictors = teacher_predictors(model, missing=True)
     results = evaluate(predictors, loader, accelerator)
     out = {"model": str(path), "split": split, "dataset": cfg.dataset, **results[main]}
     if main == "all":

@@ -26,10 +26,35 @@ feature visible:
   the test split evaluated once, at the end, with the selected weights.
 
 stage=teacher trains :class:`~synesthesia.models.teacher.MultimodalTeacher`
-with cross-entropy on RGB plus the privileged inputs of ``train.source``.
+with cross-entropy on RGB plus the privileged inputs of ``train.source``, or,
+when ``method.name`` is a *teacher objective* (``modalimmune``,
+``basis-realloc``: a method with ``stage = "teacher"``), with that objective
+(:class:`TeacherObjectiveTrainee`): its ``teacher_step`` gives the loss, its
+``after_backward`` runs on the sync step (after the backward, before clipping
+and the optimizer step), val/test are evaluated with its ``predict``, and its
+own parameters (basis-realloc's fusion head) train with the teacher. Such a run
+is ``teacher-<objective>-<source>-s<seed>`` (the plain one
+``teacher-<source>-s<seed>``), so both coexist; ``best/model.safetensors``
+holds the teacher alone, under the plain teacher's keys, and
+``best/method.safetensors`` the objective's state, with what rebuilds it in
+``best/model.json["objective"]``. A student reads only the teacher
+(``train.teacher=teacher-modalimmune-latent-s0`` picks that one; it distils
+from the teacher network's logits and tokens, not from an objective's head).
+Every teacher run writes to metrics.json a robustness report (test accuracy
+with all modalities, each removed, each corrupted by noise and by shuffling;
+:func:`~synesthesia.methods.modalimmune.modality_robustness`), the plain
+teacher's report beside it when that run exists, and collapse diagnostics
+(stable/effective rank, per-modality contribution) on a test batch.
+
 stage=student loads the frozen teacher (eval mode, no gradients) from its run
 folder and trains the student with ``method`` (the methods registry); the
 student alone is exported to ``export/``.
+
+metrics.json also splits each training step's wall time (``timing``): waiting
+for the loader (``data_s``: reading shards, decoding images and sidecars),
+the frozen teacher's forward (``teacher_forward_s``, students only; with
+``train.source=decoded`` this is where the decode-encode loop's encoder runs)
+and the rest of the step (``step_s``: forward, backward, optimizer).
 """
 
 from __future__ import annotations
@@ -55,16 +80,21 @@ from synesthesia.train.checkpoint import (
     checkpoint_path,
     copy_best,
     find_checkpoint,
+    load_method_state,
     load_weights,
     mark_latest,
     run_dir,
+    save_method_state,
     save_weights,
     teacher_dir,
+    teacher_objective,
 )
 from synesthesia.train.data import IMAGENET_MEAN, IMAGENET_STD, DataSpec, build_loader, resolve_data
 from synesthesia.train.evaluate import (
     evaluate,
+    objective_predictors,
     privileged_inputs,
+    robustness_report,
     student_predictors,
     teacher_predictors,
     to_device,
@@ -93,6 +123,23 @@ class TeacherTrainee(nn.Module):
         logits = self.teacher(batch["rgb"], privileged_inputs(batch), present=batch.get("present")).logits
         ce = F.cross_entropy(logits.float(), batch["label"])
         return {"loss": ce, "ce": ce}
+
+
+class TeacherObjectiveTrainee(nn.Module):
+    """The teacher and a teacher objective (``modalimmune``, ``basis-realloc``), whose parameters train with it.
+
+    ``forward`` is the objective's ``teacher_step(teacher, batch)`` (which may
+    run the teacher several times); the trainer calls
+    ``method.after_backward(teacher)`` itself, between backward and step.
+    """
+
+    def __init__(self, teacher: nn.Module, method: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+        self.method = method
+
+    def forward(self, batch: dict[str, Any], teacher_out=None) -> dict[str, torch.Tensor]:
+        return self.method.teacher_step(self.teacher, batch)
 
 
 class StudentTrainee(nn.Module):
@@ -150,10 +197,23 @@ def check_config(cfg) -> None:
         )
     if t.stage == "teacher" and not t.modalities:
         raise UserError("train.stage=teacher needs train.modalities")
+    from synesthesia.methods import METHODS
+
+    stage = getattr(METHODS.get(cfg.method.name), "stage", "student")
+    if t.stage == "student" and stage == "teacher":
+        raise UserError(
+            f"method {cfg.method.name!r} is a teacher objective: train it with train.stage=teacher"
+        )
+    if t.stage == "teacher" and stage != "teacher" and cfg.method.name != "ce":
+        logger.info("method %r is a student method: the teacher trains with cross-entropy", cfg.method.name)
 
 
 def load_teacher(folder: Path, spec: DataSpec) -> nn.Module:
-    """A trained teacher (its selected weights), frozen, checked against the data's modalities."""
+    """A trained teacher (its selected weights), frozen, checked against the data's modalities.
+
+    A teacher trained with a teacher objective loads the same way: ``best/``'s
+    model weights are the teacher's alone (the objective's are beside them).
+    """
     from synesthesia.models.teacher import MultimodalTeacher
 
     if not (folder / "best" / "model.json").is_file():
@@ -177,15 +237,70 @@ def load_teacher(folder: Path, spec: DataSpec) -> nn.Module:
     return teacher.eval()
 
 
+def objective_context(teacher: nn.Module, spec: DataSpec):
+    """The MethodContext a teacher objective is built with (also recorded in best/model.json)."""
+    from synesthesia.methods import MethodContext
+
+    return MethodContext(
+        num_classes=spec.num_classes,
+        student_dims={},
+        student_depth=0,
+        teacher_dim=teacher.dim,
+        teacher_depth=teacher.depth,
+        modalities=tuple(spec.sidecars),
+        latent_dims={m: math.prod(s.spec["shape"]) for m, s in spec.sidecars.items()} or None,
+        modality_specs=spec.teacher_modalities(),
+    )
+
+
+def load_teacher_objective(folder: Path) -> tuple[nn.Module, nn.Module | None]:
+    """(teacher, its objective or None) of a teacher run's ``best/``, in eval mode, for evaluation.
+
+    The objective is rebuilt from ``best/model.json["objective"]`` (method
+    config and context) and loaded from ``best/method.safetensors``.
+    """
+    from synesthesia.config import MethodConfig, build
+    from synesthesia.methods import MethodContext, build_method
+    from synesthesia.models.teacher import MultimodalTeacher
+
+    state, config = load_weights(folder / "best")
+    if config.get("kind") != "teacher":
+        raise UserError(f"{folder} is not a teacher run")
+    teacher = MultimodalTeacher.from_config_dict(config["model"])
+    teacher.load_state_dict(state)
+    teacher.eval()
+    objective = config.get("objective")
+    if not objective:
+        return teacher, None
+    ctx = dict(objective["context"])
+    ctx["modalities"] = tuple(ctx.get("modalities") or ())
+    ctx["student_dims"] = {int(k): int(v) for k, v in (ctx.get("student_dims") or {}).items()}
+    method = build_method(build(MethodConfig, objective["method"], "method"), MethodContext(**ctx))
+    method.load_state_dict(load_method_state(folder / "best"))
+    return teacher, method.eval()
+
+
 def build_models(cfg, spec: DataSpec, out: Path):
-    """(trainee, frozen teacher or None, model config for best/, the module that is exported or None)."""
+    """(trainee, frozen teacher or None, model config for best/)."""
     t = cfg.train
     if t.stage == "teacher":
         from synesthesia.models.teacher import MultimodalTeacher
 
         teacher = MultimodalTeacher(cfg.teacher, spec.num_classes, spec.image_size, spec.teacher_modalities())
         config = {"kind": "teacher", "model": teacher.config_dict(), "source": t.source}
-        return TeacherTrainee(teacher), None, config
+        objective = teacher_objective(cfg)
+        if objective is None:
+            return TeacherTrainee(teacher), None, config
+        from synesthesia.methods import build_method
+
+        ctx = objective_context(teacher, spec)
+        method = build_method(cfg.method, ctx)
+        config["objective"] = {
+            "name": objective,
+            "method": to_dict(cfg.method),
+            "context": dataclasses.asdict(ctx),
+        }
+        return TeacherObjectiveTrainee(teacher, method), None, config
     from synesthesia.methods import MethodContext, build_method
     from synesthesia.models.students import build_student
 
@@ -205,6 +320,7 @@ def build_models(cfg, spec: DataSpec, out: Path):
         teacher_depth=frozen.depth if frozen is not None else 0,
         modalities=tuple(spec.sidecars),
         latent_dims=latent_dims or None,
+        modality_specs=spec.teacher_modalities() or None,
     )
     method = build_method(cfg.method, ctx)
     config = {
@@ -226,7 +342,9 @@ def _method_needs_teacher(cfg) -> bool:
 
 
 def _unwrapped_model(trainee: nn.Module) -> nn.Module:
-    return trainee.teacher if isinstance(trainee, TeacherTrainee) else trainee.student
+    return (
+        trainee.teacher if isinstance(trainee, TeacherTrainee | TeacherObjectiveTrainee) else trainee.student
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -255,6 +373,9 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
     set_seed(t.seed)  # the same initial weights on every rank
     spec = resolve_data(cfg)
     trainee, frozen, model_config = build_models(cfg, spec, out)
+    # the frozen teacher keeps only the hidden states the method reads (None: all of them)
+    method = getattr(trainee, "method", None)
+    teacher_layers = method.teacher_layers() if hasattr(method, "teacher_layers") else None
     model_config.update(
         num_classes=spec.num_classes,
         image_size=spec.image_size,
@@ -303,7 +424,16 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
             mark_latest(run, path, t.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    model = _unwrapped_model(accelerator.unwrap_model(trainee))  # the teacher or the student alone
+    unwrapped = accelerator.unwrap_model(trainee)
+    model = _unwrapped_model(unwrapped)  # the teacher or the student alone
+    objective = unwrapped.method if isinstance(unwrapped, TeacherObjectiveTrainee) else None
+    cuda = accelerator.device.type == "cuda"
+
+    def save_best() -> None:
+        save_weights(model, model_config, run / "best")
+        if objective is not None:
+            save_method_state(objective, run / "best")
+
     bar = tqdm(
         total=total_updates,
         initial=state.step,
@@ -312,12 +442,21 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
         dynamic_ncols=True,
     )
     start_time, samples_seen = time.perf_counter(), 0
+    timing = {"data_s": 0.0, "teacher_forward_s": 0.0, "step_s": 0.0, "micro_batches": 0}
     while state.epoch < t.epochs:
         epoch = state.epoch
         trainee.train()
         keys_seen: list[str] = []
-        for index, batch in enumerate(train_loader.epoch(epoch, skip=state.batch), start=state.batch):
+        batches = enumerate(train_loader.epoch(epoch, skip=state.batch), start=state.batch)
+        while True:
+            tick = time.perf_counter()
+            index, batch = next(batches, (None, None))
+            if batch is None:
+                break
             batch = to_device(batch, accelerator.device)
+            tock = time.perf_counter()
+            timing["data_s"] += tock - tick
+            timing["micro_batches"] += 1
             if t.record_keys:
                 keys_seen.extend(batch["keys"])
             window_start = (index // t.grad_accum) * t.grad_accum
@@ -327,17 +466,37 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
                 with accelerator.autocast():
                     teacher_out = None
                     if frozen is not None:
+                        if cuda:
+                            torch.cuda.synchronize()
+                        start = time.perf_counter()
                         with torch.no_grad():
                             teacher_out = frozen(
-                                batch["rgb"], privileged_inputs(batch), present=batch.get("present")
+                                batch["rgb"],
+                                privileged_inputs(batch),
+                                present=batch.get("present"),
+                                layers=teacher_layers,
                             )
+                        if cuda:
+                            torch.cuda.synchronize()
+                        timing["teacher_forward_s"] += time.perf_counter() - start
                     terms = trainee(batch, teacher_out)
                 accelerator.backward(terms["loss"] / window)
             samples_seen += batch["label"].numel()
             if not sync:
+                timing["step_s"] += time.perf_counter() - tock
                 continue
+            unscaled = False
+            if objective is not None:
+                # between backward and step, on the whole window's gradients (unscaled under fp16)
+                if t.precision == "fp16":
+                    accelerator.unscale_gradients()
+                    unscaled = True
+                terms = {**terms, **objective.after_backward(model)}
             if t.clip_grad > 0:
-                accelerator.clip_grad_norm_(trainee.parameters(), t.clip_grad)
+                if unscaled:  # accelerate's clip would unscale a second time
+                    torch.nn.utils.clip_grad_norm_(trainee.parameters(), t.clip_grad)
+                else:
+                    accelerator.clip_grad_norm_(trainee.parameters(), t.clip_grad)
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
@@ -345,13 +504,14 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
             state.step += 1
             state.batch = index + 1
             bar.update(1)
-            logs = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
+            logs = {f"train/{k}": float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
             logs["train/lr"] = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", epoch=epoch)
             accelerator.log(logs, step=state.step)
             epoch_done = index + 1 == steps_per_epoch
             if t.save_every and state.step % t.save_every == 0 and not epoch_done:
                 save_checkpoint()
+            timing["step_s"] += time.perf_counter() - tock
         if t.record_keys:
             _record_keys(run, rank, epoch, keys_seen)
 
@@ -360,7 +520,8 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
         record: dict[str, Any] = {"epoch": epoch, "step": state.step}
         if val_loader is not None:
             model.eval()
-            record.update(evaluate(_predictors(model, t.stage), val_loader, accelerator)[_main(t.stage)])
+            predictors = _predictors(model, t.stage, objective=objective)
+            record.update(evaluate(predictors, val_loader, accelerator)[_main(t.stage)])
             accelerator.log({"val/accuracy": record["accuracy"], "val/loss": record["loss"]}, step=state.step)
         state.history.append(record)
         if (
@@ -370,7 +531,7 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
         ):
             state.best = dict(record)
             if accelerator.is_main_process:
-                save_weights(model, model_config, run / "best")
+                save_best()
         accelerator.wait_for_everyone()
         last = state.epoch == t.epochs
         if last or (t.save_every and state.step % t.save_every == 0):
@@ -386,10 +547,15 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
     best_state, _ = load_weights(run / "best")
     model.load_state_dict(best_state)
     model.eval()
+    if objective is not None:
+        objective.load_state_dict(load_method_state(run / "best"))
+        objective.eval()
+    steps_timed = max(timing.pop("micro_batches"), 1)
+    timing["step_s"] -= timing["teacher_forward_s"]  # step_s: the student's or teacher's own step
     metrics: dict[str, Any] = {
         "run": str(run),
         "stage": t.stage,
-        "method": cfg.method.name if t.stage == "student" else None,
+        "method": cfg.method.name if t.stage == "student" else teacher_objective(cfg),
         "source": t.source,
         "seed": t.seed,
         "modalities": list(spec.sidecars),
@@ -399,13 +565,23 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
         "history": state.history,
         "best": state.best,
         "train_samples_per_s": samples_seen * world / elapsed if elapsed > 0 else None,
+        "timing": {
+            f"{k}_per_step": v / steps_timed for k, v in timing.items() if frozen or k != "teacher_forward_s"
+        }
+        | {"micro_batches": steps_timed, "device": accelerator.device.type},
         "final_weights_sha256": digests,
     }
     if test_loader is not None:
-        results = evaluate(_predictors(model, t.stage, missing=True), test_loader, accelerator)
+        results = evaluate(
+            _predictors(model, t.stage, missing=True, objective=objective), test_loader, accelerator
+        )
         metrics["test"] = results[_main(t.stage)]
         if t.stage == "teacher":
             metrics["test_missing"] = {name: r["accuracy"] for name, r in results.items()}
+            metrics.update(robustness_report(model, objective, test_loader, accelerator, seed=t.seed))
+            plain = run.parent / f"teacher-{t.source}-s{t.seed}" / "metrics.json"
+            if objective is not None and plain.is_file():
+                metrics["robustness_plain_teacher"] = json.loads(plain.read_text()).get("robustness")
         accelerator.log({"test/accuracy": metrics["test"]["accuracy"]}, step=state.step)
     if accelerator.is_main_process:
         atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -444,7 +620,9 @@ def _main(stage: str) -> str:
     return "all" if stage == "teacher" else "student"
 
 
-def _predictors(model: nn.Module, stage: str, missing: bool = False) -> dict[str, Any]:
+def _predictors(model: nn.Module, stage: str, missing: bool = False, objective=None) -> dict[str, Any]:
+    if objective is not None:
+        return objective_predictors(model, objective, missing)
     return teacher_predictors(model, missing) if stage == "teacher" else student_predictors(model)
 
 

@@ -1,0 +1,655 @@
+"""`synesthesia ablate`: run the grid, reusing shards, teachers and finished runs; collect one row per cell.
+
+The steps, each skipped when an earlier run left it complete:
+
+1. **Source set.** The procedural scenes are rendered (a verified render of the
+   same config is kept, so a pipeline sharing the demo's ``scenes`` section
+   reuses its render); any other dataset must have been ingested.
+2. **Stage one, per privileged source** (``ablate.generators``; defaults):
+   ``latent`` (DLA) runs ``shard.generators`` (the generating model, no
+   decode); ``real`` runs ``tae`` over the true paired signal of each of
+   ``train.modalities`` (encode mode); ``decoded`` runs the ``latent``
+   generators again with ``shard.decode: true``, which writes the decoded
+   sidecar (the decode-encode loop). Finished sidecars are reused (stage one's
+   cache key refuses a changed generator config: pass the same generator
+   settings as the run that wrote them, or another ``--shards`` root). The
+   timing of the run that actually wrote each set is kept in
+   ``<out>/stage_one.json`` (``throughput.json`` is overwritten by a rerun that
+   has nothing to do).
+3. **Teachers**, one per privileged source (``train.seed``, plus
+   ``ablate.teacher_overrides``), shared by every student of that source.
+4. **Tuned KD.** Per source, the α × T grid (``ablate.kd_alphas`` ×
+   ``ablate.kd_temperatures``) is trained at ``ablate.tune_seed`` (default the
+   first seed); the setting with the best **val** accuracy
+   (:func:`synesthesia.methods.tuned_kd.select_best`: ties by grid order) is
+   then used for every seed, so the tuning run at the tune seed *is* that
+   seed's KD cell. Each grid run is a ``role: "tune"`` row of results.jsonl and
+   the tuning seconds are reported beside the KD rows.
+5. **Cells**, in grid order; each appends one row to ``results.jsonl`` when it
+   finishes, so a killed ablation rerun skips completed cells. A run that was
+   killed part-way resumes from its latest checkpoint when it has one, else it
+   starts over.
+6. ``summary.md`` and the plots, from results.jsonl (``--report`` redoes only this).
+
+Every training run is ``synesthesia train PIPELINE <overrides> --out RUNS``;
+the row holds that command and the path of the run's resolved ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from synesthesia import UserError
+from synesthesia.ablate.grid import SOURCES, Cell, append_row, expand, read_results, teacher_sources
+from synesthesia.config import GeneratorConfig, MethodConfig, PipelineConfig, config_hash, replace, to_dict
+from synesthesia.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+STAGE_ONE_LEDGER = "stage_one.json"
+TIMING = "ablate_time.json"  # written into each run folder by the ablation: wall seconds of train()
+# Start-up estimate, measured with the demo on a 2-core CPU (64x64 scenes, vit_tiny_scenes);
+# replaced by the measured mean as runs finish.
+EST_STUDENT_S_PER_SAMPLE_EPOCH = 0.011
+EST_TEACHER_S_PER_SAMPLE_EPOCH = 0.0075
+EST_STAGE_ONE_S_PER_SAMPLE = 0.03
+EST_RUN_OVERHEAD_S = 10.0  # model build, accelerate, val and test evaluation, checkpoint, export
+CURVE_POINTS = 200  # loss curves kept in results.jsonl are thinned to about this many points
+
+
+# ----------------------------------------------------------------------------- what each source needs
+
+
+def source_generators(cfg: PipelineConfig, source: str) -> tuple[list[GeneratorConfig], bool]:
+    """The stage-one generators of a privileged source and whether stage one decodes (``decoded``)."""
+    if source == "none":
+        return [], False
+    if source in cfg.ablate.generators:
+        gens = list(cfg.ablate.generators[source])
+    elif source in ("latent", "decoded"):
+        gens = list(cfg.shard.generators)
+    else:  # real: the true paired signal, encoded by the pretrained TAEF2
+        gens = [GeneratorConfig(name="tae", modality=m) for m in cfg.train.modalities]
+    if not gens:
+        raise UserError(
+            f"privileged source {source!r} has no stage-one generator: set shard.generators "
+            f"or ablate.generators.{source}"
+        )
+    missing = sorted(set(cfg.train.modalities) - {g.modality for g in gens})
+    if missing:
+        raise UserError(
+            f"source {source!r}: no generator for modality {missing[0]} of train.modalities "
+            f"(set ablate.generators.{source})"
+        )
+    return gens, source == "decoded"
+
+
+def _set_name(g: GeneratorConfig) -> str:
+    from synesthesia.stage_one import set_name
+
+    return set_name(g)
+
+
+def stage_one_overrides(cfg: PipelineConfig, source: str) -> list[str]:
+    gens, decode = source_generators(cfg, source)
+    data = [{k: v for k, v in to_dict(g).items() if v not in (None, {})} for g in gens]
+    return [f"shard.generators={json.dumps(data, sort_keys=True)}", f"shard.decode={str(decode).lower()}"]
+
+
+def data_overrides(cfg: PipelineConfig, source: str) -> list[str]:
+    """``train.source`` and the sidecar sets it reads, named explicitly (no search among sets)."""
+    over = [f"train.source={source}"]
+    if source != "none":
+        gens, _ = source_generators(cfg, source)
+        sets = {g.modality: _set_name(g) for g in gens if g.modality in cfg.train.modalities}
+        over.append(f"train.latent_sets={json.dumps(sets, sort_keys=True)}")
+    return over
+
+
+def sidecar_dirs(cfg: PipelineConfig, shards: Path, source: str) -> list[Path]:
+    gens, decode = source_generators(cfg, source)
+    kind = "decoded" if decode else "latents"
+    return [shards / cfg.dataset / kind / _set_name(g) for g in gens]
+
+
+def kd_grid(cfg: PipelineConfig):
+    from synesthesia.methods.tuned_kd import expand_grid
+
+    options = {"alphas": list(cfg.ablate.kd_alphas), "temperatures": list(cfg.ablate.kd_temperatures)}
+    return expand_grid(MethodConfig(**{**to_dict(cfg.method), "name": "kd", "options": options}))
+
+
+def tune_seed(cfg: PipelineConfig) -> int:
+    seed = cfg.ablate.tune_seed
+    return cfg.ablate.seeds[0] if seed is None else seed
+
+
+def _check(cfg: PipelineConfig) -> list[Cell]:
+    from synesthesia.methods import METHODS
+
+    cells = expand(cfg.ablate)
+    for method in cfg.ablate.methods:
+        if method not in METHODS.names():
+            raise UserError(
+                f"unknown method {method!r} in ablate.methods; valid: {', '.join(METHODS.names())}"
+            )
+        if getattr(METHODS.get(method), "stage", "student") == "teacher":
+            raise UserError(
+                f"{method!r} is a teacher objective; ablate.methods lists student methods "
+                "(train a teacher with it and set train.teacher to compare its students)"
+            )
+    if not any(s != "none" for s in cfg.ablate.sources) and any(m != "ce" for m in cfg.ablate.methods):
+        raise UserError(
+            "ablate.sources has no privileged source (decoded, latent, real) for the non-ce methods"
+        )
+    if not cfg.train.modalities:
+        raise UserError("train.modalities is empty: the ablation needs a privileged modality")
+    for source in cfg.ablate.generators:
+        if source not in SOURCES or source == "none":
+            raise UserError(
+                f"ablate.generators.{source}: not a privileged source; valid: decoded, latent, real"
+            )
+    if "kd" in cfg.ablate.methods:
+        kd_grid(cfg)
+    return cells
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Job:
+    """One training run: its name under ``<runs>/<pipeline name>/``, overrides and the command."""
+
+    name: str
+    overrides: list[str]
+    command: str
+    stage: str = "student"
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    teachers: list[str]
+    tune_runs: int
+    stage_one_sets: list[str]
+    todo_runs: int
+    estimate_s: float
+    lines: list[str] = field(default_factory=list)
+
+
+def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
+    """Overrides with a bare key (``seeds=[0]``) written in full (``ablate.seeds=[0]``), as the CLI reads them."""
+    import dataclasses
+
+    top = {f.name for f in dataclasses.fields(PipelineConfig)}
+    out = []
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        out.append(f"{section}.{text}" if "." not in key and key not in top else text)
+    return out
+
+
+def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str:
+    """The config hash of what a training run depends on: everything but the ``ablate`` section."""
+    data = to_dict(cfg) if isinstance(cfg, PipelineConfig) else dict(cfg)
+    data.pop("ablate", None)
+    return config_hash(data)
+
+
+def _finished(run: Path) -> dict[str, Any] | None:
+    path = run / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if (metrics.get("test") or {}).get("accuracy") is not None else None
+
+
+def _acc(metrics: dict[str, Any], key: str) -> float:
+    value = (metrics.get(key) or {}).get("accuracy")
+    return float("nan") if value is None else float(value)
+
+
+def _log_lines(run: Path) -> list[dict[str, Any]]:
+    path = run / "logs" / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def loss_curves(run: Path, points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    """``loss`` and every ``messy/l<layer>/<modality>`` term from ``<run>/logs/metrics.jsonl``.
+
+    A run restarted from scratch appended to the same log: the last value per step wins.
+    Long curves are thinned (every k-th step) to about ``points`` values.
+    """
+    by_step: dict[str, dict[int, float]] = {}
+    for row in _log_lines(run):
+        step = row.get("step")
+        if step is None:
+            continue
+        for key, value in row.items():
+            if key == "train/loss" or key.startswith("train/messy/"):
+                by_step.setdefault(key.removeprefix("train/"), {})[int(step)] = float(value)
+    curves = {}
+    for term, values in by_step.items():
+        ordered = [values[s] for s in sorted(values)]
+        stride = max(1, math.ceil(len(ordered) / points))
+        curves[term] = ordered[::stride]
+    return curves
+
+
+def _logged_span(run: Path) -> float:
+    times = [float(r["time"]) for r in _log_lines(run) if "time" in r]
+    return max(times) - min(times) if len(times) > 1 else float("nan")
+
+
+class Ablation:
+    """The grid of one pipeline: plan it, run it (resumably), report it."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        pipeline_path: str,
+        overrides: list[str] | tuple[str, ...] = (),
+        *,
+        shards: str | Path = "shards",
+        runs: str | Path = "runs",
+        out: str | Path | None = None,
+    ):
+        self.cells = _check(cfg)
+        self.shards, self.runs = Path(shards), Path(runs)
+        self.out = Path(out) if out is not None else Path("results") / cfg.name
+        self.cfg = replace(cfg, [f"train.shards={self.shards}"])
+        self.pipeline_path = pipeline_path
+        # the training commands carry the user's overrides, less the ablate section's (training ignores it)
+        self.user_overrides = [o for o in qualify(overrides, "ablate") if not o.startswith("ablate.")]
+        self.sources = teacher_sources(self.cells)
+        self.grid = kd_grid(self.cfg) if "kd" in cfg.ablate.methods else []
+        self.tuned = len(self.grid) > 1
+        self._durations: list[float] = []
+
+    # -- commands
+
+    def _command(self, verb: str, overrides: list[str], out: Path) -> str:
+        words = ["synesthesia", verb, self.pipeline_path, *self.user_overrides, *overrides, "--out", str(out)]
+        return " ".join(shlex.quote(w) for w in words)
+
+    def teacher_job(self, source: str) -> Job:
+        seed = self.cfg.train.seed
+        name = f"teacher-{source}-s{seed}"
+        over = [
+            "train.stage=teacher",
+            *data_overrides(self.cfg, source),
+            f"train.seed={seed}",
+            f"train.run_name={name}",
+            f"train.shards={self.shards}",
+            *self.cfg.ablate.teacher_overrides,
+        ]
+        return Job(name, over, self._command("train", over, self.runs), stage="teacher")
+
+    def teacher_run(self, source: str) -> Path:
+        return self.runs / self.cfg.name / self.teacher_job(source).name
+
+    def student_job(self, method: str, source: str, seed: int, kd=None) -> Job:
+        name = f"{method}-{source}-s{seed}" + (f"-{kd.name}" if kd is not None else "")
+        over = [
+            "train.stage=student",
+            f"method.name={method}",
+            *data_overrides(self.cfg, source),
+            f"train.seed={seed}",
+            f"train.run_name={name}",
+            f"train.shards={self.shards}",
+        ]
+        if kd is not None:
+            over += [f"method.alpha={kd.alpha!r}", f"method.temperature={kd.temperature!r}"]
+        if source != "none":
+            over.append(f"train.teacher={self.teacher_run(source)}")
+        return Job(name, over, self._command("train", over, self.runs))
+
+    def tune_cell_name(self, source: str, g) -> str:
+        return f"tune/kd-{source}-s{tune_seed(self.cfg)}-{g.name}"
+
+    # -- plan
+
+    def plan(self) -> Plan:
+        """What the grid holds, what is still to do and how long that should take (before any work)."""
+        from synesthesia.shards.writer import Manifest
+
+        done = read_results(self.out)
+        counts: dict[str, int] = {}
+        src = self.shards / self.cfg.dataset / "source"
+        if self.cfg.dataset == "scenes":  # what the render step will leave, whatever is there now
+            sc = self.cfg.scenes
+            counts = {"train": sc.num_train, "val": sc.num_val, "test": sc.num_test}
+        elif (src / "manifest.json").is_file():
+            manifest = Manifest.read(src)
+            counts = {s: manifest.count(s) for s in manifest.splits}
+        n_train = counts.get("train", 0)
+        n_all = sum(counts.get(s, 0) for s in self.cfg.shard.splits)
+        t_epochs = replace(self.cfg, self.cfg.ablate.teacher_overrides).train.epochs
+        student_s = EST_RUN_OVERHEAD_S + EST_STUDENT_S_PER_SAMPLE_EPOCH * n_train * self.cfg.train.epochs
+        teacher_s = EST_RUN_OVERHEAD_S + EST_TEACHER_S_PER_SAMPLE_EPOCH * n_train * t_epochs
+
+        sets, estimate = [], 0.0
+        for source in self.sources:
+            for d in sidecar_dirs(self.cfg, self.shards, source):
+                sets.append(str(d.relative_to(self.shards)))
+                if not (d / "manifest.json").is_file():
+                    estimate += EST_STAGE_ONE_S_PER_SAMPLE * n_all
+        teachers_todo = [s for s in self.sources if _finished(self.teacher_run(s)) is None]
+        estimate += teacher_s * len(teachers_todo)
+        tune_todo = 0
+        if self.tuned:
+            for source in self.sources:
+                tune_todo += sum(1 for g in self.grid if self.tune_cell_name(source, g) not in done)
+        todo_cells = [c for c in self.cells if c.name not in done]
+        # the KD cell at the tune seed is one of the tuning runs
+        todo_students = tune_todo + sum(
+            1 for c in todo_cells if not (self.tuned and c.method == "kd" and c.seed == tune_seed(self.cfg))
+        )
+        estimate += student_s * todo_students
+        tune_runs = len(self.grid) * len(self.sources) if self.tuned else 0
+        lines = [
+            f"ablation {self.cfg.name}: {len(self.cells)} cells ({', '.join(self.cfg.ablate.methods)} × "
+            f"sources {', '.join(self.sources) or 'none'} × seeds {', '.join(map(str, self.cfg.ablate.seeds))}; "
+            "ce runs with source none)",
+            f"  + {len(self.sources)} teacher(s), {len(sets)} stage-one set(s), "
+            + (
+                f"{tune_runs} KD tuning runs ({len(self.grid)} α×T settings per source at seed "
+                f"{tune_seed(self.cfg)}, one of them reused as that seed's KD cell)"
+                if self.tuned
+                else "no KD tuning"
+            ),
+            f"  to do: {len(todo_cells)} of {len(self.cells)} cells, {len(teachers_todo)} teacher(s), "
+            f"{tune_todo} tuning run(s) — {todo_students + len(teachers_todo)} training runs, "
+            f"estimate {estimate / 60:.0f} min on a 2-core CPU (~{student_s:.0f} s per student run)",
+        ]
+        return Plan(
+            self.cells, self.sources, tune_runs, sets, todo_students + len(teachers_todo), estimate, lines
+        )
+
+    # -- steps
+
+    def prepare_data(self) -> dict[str, dict[str, Any]]:
+        """Render (scenes) and run stage one for every privileged source; returns the cost per source."""
+        from synesthesia import stage_one
+        from synesthesia.sources import scenes
+
+        src = self.shards / self.cfg.dataset / "source"
+        if self.cfg.dataset == "scenes":
+            scenes.render_dataset(self.cfg, self.shards)
+        elif not (src / "manifest.json").is_file():
+            raise UserError(f"no source set at {src}; run `synesthesia ingest {self.pipeline_path}` first")
+        ledger_path = self.out / STAGE_ONE_LEDGER
+        ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+        # decoded last: its run regenerates the latents and rewrites the latent set's throughput.json
+        order = [s for s in ("latent", "real", "decoded") if s in self.sources]
+        for source in order:
+            dirs = sidecar_dirs(self.cfg, self.shards, source)
+            before = {str(d): _read_throughput(d) for d in dirs}
+            over = stage_one_overrides(self.cfg, source)
+            logger.info("stage one for source %s: %s", source, ", ".join(d.name for d in dirs))
+            stage_one.run_stage_one(replace(self.cfg, over), self.shards)
+            for d in dirs:
+                key = str(d.relative_to(self.shards))
+                now = _read_throughput(d)
+                best = now if now and now["samples"] > 0 else None
+                if best is None and key not in ledger:
+                    old = before[str(d)]
+                    best = old if old and old["samples"] > 0 else None
+                if best is not None:
+                    ledger[key] = {**best, "source": source}
+            ledger.setdefault("commands", {})[source] = self._command("shard", over, self.shards)
+        atomic_write_text(ledger_path, json.dumps(ledger, indent=2, sort_keys=True) + "\n")
+        return {s: self.stage_one_cost(s, ledger) for s in self.sources}
+
+    def stage_one_cost(self, source: str, ledger: dict[str, Any]) -> dict[str, Any]:
+        """Seconds and bytes per sample of a source's sidecar sets, and seconds for the whole source set.
+
+        Seconds are the wall time of the stage-one run that wrote the set over the samples it
+        wrote; for ``latent`` a decode the run also did is left out, for ``decoded`` it is the
+        whole generate + decode run. Unknown timing is NaN.
+        """
+        from synesthesia.shards.writer import Manifest
+
+        s_per_sample = bytes_per_sample = 0.0
+        total = 0
+        for d in sidecar_dirs(self.cfg, self.shards, source):
+            manifest = Manifest.read(d)
+            infos = [i for shards in manifest.splits.values() for i in shards]
+            total = max(total, sum(i.samples for i in infos))
+            bytes_per_sample += sum(i.bytes for i in infos) / max(1, sum(i.samples for i in infos))
+            timing = ledger.get(str(d.relative_to(self.shards)))
+            if timing is None:
+                s_per_sample = float("nan")
+                continue
+            wall = timing["wall_s"] - (timing.get("decode_s", 0.0) if source != "decoded" else 0.0)
+            s_per_sample += wall / timing["samples"]
+        return {
+            "stage1_s_per_sample": s_per_sample,
+            "stage1_bytes_per_sample": bytes_per_sample,
+            "stage1_seconds": s_per_sample * total,
+            "stage1_command": (ledger.get("commands") or {}).get(source, ""),
+        }
+
+    def run_job(self, job: Job) -> dict[str, Any]:
+        """Train ``job`` unless its run already finished; returns metrics plus seconds, run and config paths."""
+        from synesthesia.train import loop
+        from synesthesia.train.checkpoint import run_dir
+
+        run_cfg = replace(self.cfg, job.overrides)
+        run = run_dir(run_cfg, self.runs)
+        metrics = _finished(run)
+        written = run / "config.json"
+        if (
+            metrics is not None
+            and written.is_file()
+            and training_hash(json.loads(written.read_text()).get("config", {})) != training_hash(run_cfg)
+        ):
+            raise UserError(
+                f"{run} was trained with another config than this ablation's; delete it or pass another --runs"
+            )
+        if metrics is None:
+            resume = "latest" if (run / "checkpoints" / "latest").is_file() else None
+            logger.info("training %s%s", run.name, " (resuming)" if resume else "")
+            start = time.perf_counter()
+            metrics = loop.train(run_cfg, self.runs, resume=resume)
+            seconds = time.perf_counter() - start
+            self._durations.append(seconds)
+            if run.is_dir():
+                atomic_write_text(run / TIMING, json.dumps({"seconds": seconds}) + "\n")
+        else:
+            logger.info("%s already trained; kept", run)
+            timing = run / TIMING
+            seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else _logged_span(run)
+        return {
+            "metrics": metrics,
+            "seconds": seconds,
+            "run": str(run),
+            "config": str(written),
+            "config_hash": config_hash(run_cfg),
+        }
+
+    def _row(self, job: Job, result: dict[str, Any], curves: bool) -> dict[str, Any]:
+        m = result["metrics"]
+        row = {
+            "val_acc": _acc(m, "best"),
+            "test_acc": _acc(m, "test"),
+            "train_seconds": result["seconds"],
+            "samples_per_s": float(m.get("train_samples_per_s") or float("nan")),
+            "run": result["run"],
+            "config": result["config"],
+            "config_hash": result["config_hash"],
+            "command": job.command,
+        }
+        if curves:
+            row["loss_curves"] = loss_curves(Path(result["run"]))
+        return row
+
+    # -- the whole grid
+
+    def run(self) -> Path:
+        """Run what is left of the grid and write the report; returns the path of summary.md."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        plan = self.plan()
+        for line in plan.lines:
+            logger.info("%s", line)
+        costs = self.prepare_data()
+        none_cost = {"stage1_s_per_sample": 0.0, "stage1_bytes_per_sample": 0.0, "stage1_seconds": 0.0}
+        costs["none"] = {**none_cost, "stage1_command": ""}
+        done = read_results(self.out)
+        remaining = plan.todo_runs
+
+        def tick(what: str) -> None:
+            nonlocal remaining
+            remaining = max(0, remaining - 1)
+            if self._durations:
+                eta = statistics.fmean(self._durations) * remaining
+                logger.info("%s done; %d run(s) left, about %.0f min", what, remaining, eta / 60)
+
+        teachers: dict[str, dict[str, Any]] = {}
+        for source in self.sources:
+            job = self.teacher_job(source)
+            fresh = _finished(self.teacher_run(source)) is None
+            result = self.run_job(job)
+            teachers[source] = {
+                "teacher_acc": _acc(result["metrics"], "test"),
+                "teacher_val_acc": _acc(result["metrics"], "best"),
+                "teacher_seconds": result["seconds"],
+                "teacher_run": result["run"],
+                "teacher_command": job.command,
+            }
+            if fresh:
+                tick(job.name)
+
+        selected: dict[str, Any] = {}
+        tuning: dict[str, dict[str, Any]] = {}
+        if "kd" in self.cfg.ablate.methods:
+            for source in self.sources:
+                selected[source], tuning[source] = self._tune_kd(source, done, costs, teachers, tick)
+            atomic_write_text(
+                self.out / "kd_selection.json", json.dumps(tuning, indent=2, sort_keys=True) + "\n"
+            )
+
+        for cell in self.cells:
+            if cell.name in done:
+                continue
+            kd = selected.get(cell.source) if cell.method == "kd" else None
+            job = self.student_job(cell.method, cell.source, cell.seed, kd)
+            fresh = _finished(self.runs / self.cfg.name / job.name) is None
+            result = self.run_job(job)
+            row = self._row(job, result, curves=cell.method == "messy")
+            row.update(costs[cell.source])
+            row.update(teachers.get(cell.source, {"teacher_acc": None, "teacher_seconds": 0.0}))
+            if kd is not None:
+                t = tuning[cell.source]
+                row.update(
+                    kd_alpha=kd.alpha,
+                    kd_temperature=kd.temperature,
+                    tune_runs=t["runs"],
+                    tune_seconds=t["seconds"],
+                )
+            row["role"] = "cell"
+            done[cell.name] = append_row(self.out, {"cell": cell.name, **asdict(cell), **row})
+            if fresh:
+                tick(cell.name)
+        path = self.report()
+        logger.info("ablation %s: %s (%.1f min)", self.cfg.name, path, (time.perf_counter() - start) / 60)
+        return path
+
+    def _tune_kd(self, source, done, costs, teachers, tick):
+        """Train (or reuse) the α × T grid at the tune seed; pick the best val accuracy."""
+        from synesthesia.methods.tuned_kd import select_best
+
+        seed = tune_seed(self.cfg)
+        if not self.tuned:
+            g = self.grid[0]
+            return g, {
+                "selected": g.name,
+                "alpha": g.alpha,
+                "temperature": g.temperature,
+                "runs": 0,
+                "seconds": 0.0,
+            }
+        rows = []
+        for g in self.grid:
+            name = self.tune_cell_name(source, g)
+            if name not in done:
+                job = self.student_job("kd", source, seed, g)
+                fresh = _finished(self.runs / self.cfg.name / job.name) is None
+                result = self.run_job(job)
+                row = self._row(job, result, curves=False)
+                row.update(costs[source])
+                row.update(teachers[source])
+                full = {
+                    "cell": name,
+                    "method": "kd",
+                    "source": source,
+                    "seed": seed,
+                    "role": "tune",
+                    "kd_alpha": g.alpha,
+                    "kd_temperature": g.temperature,
+                    "grid_cell": g.name,
+                    **row,
+                }
+                done[name] = append_row(self.out, full)
+                if fresh:
+                    tick(job.name)
+            rows.append({**done[name], "cell": g.name})
+        selection = select_best(self.grid, rows, metric="val_acc")
+        best = selection.best
+        logger.info(
+            "KD tuning (%s): α=%g, T=%g selected on val (%.2f %%)",
+            source,
+            best.alpha,
+            best.temperature,
+            100 * selection.summary[best.name]["mean"],
+        )
+        return best, {
+            "selected": best.name,
+            "alpha": best.alpha,
+            "temperature": best.temperature,
+            "runs": len(rows),
+            "seconds": sum(float(r["train_seconds"]) for r in rows if not math.isnan(r["train_seconds"])),
+            "val_acc": {g: s["mean"] for g, s in selection.summary.items()},
+            "seed": seed,
+        }
+
+    def report(self) -> Path:
+        """summary.md and the plots from results.jsonl."""
+        from synesthesia.ablate.report import write_plots, write_summary
+
+        rows = list(read_results(self.out).values())
+        if not rows:
+            raise UserError(f"{self.out}/results.jsonl has no finished cell yet; run the ablation first")
+        path = write_summary(self.out, rows, f"{self.cfg.name}: ablation")
+        write_plots(self.out, rows)
+        return path
+
+
+def _read_throughput(directory: Path) -> dict[str, Any] | None:
+    """The totals of a set's throughput.json (None when there is none)."""
+    path = directory / "throughput.json"
+    if not path.is_file():
+        return None
+    total = json.loads(path.read_text()).get("total") or {}
+    return {
+        "samples": int(total.get("samples", 0)),
+        "wall_s": float(total.get("wall_s", 0.0)),
+        "decode_s": float(total.get("decode_s", 0.0)),
+    }

@@ -1,0 +1,255 @@
+"""`synesthesia ablate`: the grid runner end to end (tiny, real training), resume, tuned KD, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stage2_shards import write_tiny_dataset
+from synesthesia import UserError
+from synesthesia.ablate.grid import read_results
+from synesthesia.ablate.runner import Ablation, training_hash
+from synesthesia.cli import main
+from synesthesia.config import PipelineConfig, build, load_pipeline, to_dict, write_resolved
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_pipeline(tmp_path: Path, **ablate) -> tuple[PipelineConfig, str]:
+    """A tiny pipeline over stage2_shards' dataset (latent and decoded sidecars ``gen-depth``), as a file."""
+    gen = [{"name": "gen", "modality": "depth", "set_name": "gen-depth"}]
+    data = {
+        "name": "tiny-ablation",
+        "dataset": "tiny",
+        "teacher": {"dim": 32, "depth": 2, "heads": 2, "tokens_per_modality": 4},
+        "student": {"name": "cnn_micro_test"},
+        "train": {
+            "modalities": ["depth"],
+            "epochs": 1,
+            "batch_size": 8,
+            "warmup_steps": 1,
+            "num_workers": 0,
+            "augment": False,
+            "device": "cpu",
+        },
+        "ablate": {
+            "methods": ["kd", "messy"],
+            "sources": ["latent", "decoded"],
+            "seeds": [0, 1],
+            "generators": {"latent": gen, "decoded": gen},
+            "kd_alphas": [0.3, 0.7],
+            "kd_temperatures": [2.0],
+            **ablate,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_pipeline(path), str(path)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    root = write_tiny_dataset(
+        tmp_path / "shards", modalities=("depth",), decoded=True, counts={"train": 16, "val": 6, "test": 6}
+    )
+    latent = root / "tiny" / "latents" / "gen-depth" / "throughput.json"
+    latent.write_text(json.dumps({"total": {"samples": 28, "wall_s": 2.8, "decode_s": 0.0}}))
+    return root
+
+
+def fake_stage_one(calls):
+    """Stage one is not the point here: record the configs it gets, write the decoded set's timing."""
+
+    def run_stage_one(cfg, out, overwrite=False, progress=True):
+        calls.append((cfg.shard.decode, [g.name for g in cfg.shard.generators]))
+        if cfg.shard.decode:
+            report = {"total": {"samples": 28, "wall_s": 5.6, "decode_s": 1.4}}
+            (Path(out) / cfg.dataset / "decoded" / "gen-depth" / "throughput.json").write_text(
+                json.dumps(report)
+            )
+
+    return run_stage_one
+
+
+def test_tiny_grid_end_to_end(tmp_path, shards, monkeypatch):
+    cfg, path = tiny_pipeline(tmp_path)
+    calls = []
+    monkeypatch.setattr("synesthesia.stage_one.run_stage_one", fake_stage_one(calls))
+    out = tmp_path / "results"
+    ablation = Ablation(cfg, path, shards=shards, runs=tmp_path / "runs", out=out)
+    summary = ablation.run()
+
+    assert calls == [(False, ["gen"]), (True, ["gen"])]  # latent first, decoded (decode: true) last
+    rows = read_results(out)
+    cells = {n: r for n, r in rows.items() if r["role"] == "cell"}
+    tune = {n: r for n, r in rows.items() if r["role"] == "tune"}
+    assert sorted(cells) == sorted(
+        f"{m}-{s}-s{seed}" for m in ("kd", "messy") for s in ("latent", "decoded") for seed in (0, 1)
+    )
+    assert len(tune) == 4  # 2 settings x 2 sources, at seed 0
+    for row in cells.values():
+        assert 0.0 <= row["test_acc"] <= 1.0 and 0.0 <= row["val_acc"] <= 1.0
+        assert 0.0 <= row["teacher_acc"] <= 1.0
+        assert row["train_seconds"] > 0 and row["samples_per_s"] > 0
+        assert Path(row["config"]).is_file() and "synesthesia train" in row["command"]
+    assert cells["kd-latent-s0"]["stage1_s_per_sample"] == pytest.approx(0.1)
+    assert cells["kd-decoded-s0"]["stage1_s_per_sample"] == pytest.approx(0.2)  # generate + decode
+    assert cells["kd-latent-s0"]["stage1_bytes_per_sample"] > 0
+    # the KD cell at the tune seed is the selected tuning run, not a second training
+    selection = json.loads((out / "kd_selection.json").read_text())
+    for source in ("latent", "decoded"):
+        chosen = selection[source]["selected"]
+        assert cells[f"kd-{source}-s0"]["run"] == tune[f"tune/kd-{source}-s0-{chosen}"]["run"]
+        assert cells[f"kd-{source}-s1"]["run"].endswith(f"kd-{source}-s1-{chosen}")
+    curves = cells["messy-latent-s1"]["loss_curves"]
+    assert any(term.startswith("messy/") for term in curves) and curves["loss"]
+
+    text = summary.read_text()
+    assert "| messy | latent | 2 |" in text and "## KD tuning" in text and "teacher (latent)" in text
+    for name in ("accuracy.png", "cost.png", "messy_layers.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+
+    # every row's command rebuilds the config its run was trained with
+    row = cells["messy-decoded-s1"]
+    words = shlex.split(row["command"])
+    assert words[:3] == ["synesthesia", "train", path] and words[-2] == "--out"
+    rebuilt = load_pipeline(words[2], words[3:-2], section="train")
+    written = json.loads(Path(row["config"]).read_text())["config"]
+    assert training_hash(rebuilt) == training_hash(written)
+
+
+def fake_train(calls, val_of=lambda cfg: 0.5, test_of=lambda cfg: 0.5):
+    """A stand-in for train.loop.train writing what a finished run leaves: config, metrics, logs."""
+    from synesthesia.train.checkpoint import run_dir
+
+    def train(cfg, out="runs", resume=None):
+        run = run_dir(cfg, out)
+        calls.append((run.name, resume))
+        write_resolved(cfg, run)
+        (run / "logs").mkdir(parents=True, exist_ok=True)
+        terms = {"train/loss": 1.0, "train/messy/l2/depth": 0.5} if cfg.method.name == "messy" else {}
+        (run / "logs" / "metrics.jsonl").write_text(json.dumps({"step": 1, "time": 0.0, **terms}) + "\n")
+        metrics = {
+            "best": {"accuracy": val_of(cfg)},
+            "test": {"accuracy": test_of(cfg)},
+            "train_samples_per_s": 100.0,
+        }
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    return train
+
+
+def test_resume_skips_completed_cells(tmp_path, shards, monkeypatch):
+    cfg, path = tiny_pipeline(tmp_path, kd_alphas=[0.5])  # one KD setting: no tuning runs
+    monkeypatch.setattr("synesthesia.stage_one.run_stage_one", fake_stage_one([]))
+    calls = []
+    monkeypatch.setattr("synesthesia.train.loop.train", fake_train(calls))
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    Ablation(cfg, path, shards=shards, runs=runs, out=out).run()
+    assert len(calls) == 2 + 8  # two teachers, eight cells
+
+    # kill simulated after five cells: results.jsonl holds them (and a torn line); the sixth was
+    # mid-training with a checkpoint, the last two had not started
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:5]) + '\n{"cell": "messy-lat')
+    unfinished = [json.loads(line) for line in lines[5:]]
+    for row in unfinished:
+        (Path(row["run"]) / "metrics.json").unlink()
+    (Path(unfinished[0]["run"]) / "checkpoints").mkdir()
+    (Path(unfinished[0]["run"]) / "checkpoints" / "latest").write_text("step-2\n")
+
+    calls.clear()
+    ablation = Ablation(cfg, path, shards=shards, runs=runs, out=out)
+    assert "to do: 3 of 8 cells, 0 teacher(s)" in ablation.plan().lines[-1]
+    ablation.run()
+    assert calls == [
+        (Path(unfinished[0]["run"]).name, "latest"),
+        (Path(unfinished[1]["run"]).name, None),
+        (Path(unfinished[2]["run"]).name, None),
+    ]
+    assert len([r for r in read_results(out).values() if r["role"] == "cell"]) == 8
+
+    # a finished run trained under another config is not silently reused
+    (out / "results.jsonl").unlink()
+    changed, _ = tiny_pipeline(tmp_path, kd_alphas=[0.5])
+    changed = build(PipelineConfig, {**to_dict(changed), "train": {**to_dict(changed.train), "lr": 0.5}})
+    with pytest.raises(UserError, match="another config"):
+        Ablation(changed, path, shards=shards, runs=runs, out=out).run()
+
+
+def test_tuned_kd_is_selected_on_val_not_test(tmp_path, shards, monkeypatch):
+    cfg, path = tiny_pipeline(
+        tmp_path, methods=["ce", "kd"], kd_alphas=[0.3, 0.7], kd_temperatures=[1.0, 4.0]
+    )
+    monkeypatch.setattr("synesthesia.stage_one.run_stage_one", fake_stage_one([]))
+    calls = []
+
+    def val_of(c):  # α=0.7, T=4 is best on val ...
+        return 0.4 + 0.1 * (c.method.alpha == 0.7) + 0.05 * (c.method.temperature == 4.0)
+
+    def test_of(c):  # ... and worst on test: picking it proves test was not looked at
+        return 0.9 - val_of(c)
+
+    monkeypatch.setattr("synesthesia.train.loop.train", fake_train(calls, val_of, test_of))
+    out = tmp_path / "results"
+    Ablation(cfg, path, shards=shards, runs=tmp_path / "runs", out=out).run()
+    rows = read_results(out)
+    for source in ("latent", "decoded"):
+        for seed in (0, 1):
+            row = rows[f"kd-{source}-s{seed}"]
+            assert (row["kd_alpha"], row["kd_temperature"]) == (0.7, 4.0)
+            assert row["tune_runs"] == 4 and row["tune_seconds"] >= 0
+    # 2 teachers + 2 ce + 2 sources x (4 tuning runs + 1 more seed)
+    assert len(calls) == 2 + 2 + 2 * (4 + 1)
+    assert rows["ce-none-s0"]["teacher_acc"] is None and rows["ce-none-s0"]["stage1_s_per_sample"] == 0.0
+    text = (out / "summary.md").read_text()
+    assert "kd (α=0.7, T=4)" in text and "Tuning cost" in text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sources=[latnet]"], "unknown privileged source 'latnet'"),
+        (["methods=[ce,nope]"], "unknown method 'nope'"),
+        (["methods=[ce,modalimmune]"], "is a teacher objective"),
+        (["seeds=[]"], "ablate.seeds is empty"),
+        (["ablate.generators.none=[]"], "ablate.generators.none"),
+        (["kd_alphas=[2.0]"], "outside [0, 1]"),
+    ],
+)
+def test_cli_mistakes_are_one_line(tmp_path, capsys, overrides, message):
+    _, path = tiny_pipeline(tmp_path)
+    assert main(["ablate", path, *overrides, "--plan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("synesthesia ablate: error:") and message in err and "\n" not in err
+
+
+def test_cli_plan_and_missing_results(tmp_path, shards, capsys):
+    _, path = tiny_pipeline(tmp_path)
+    assert main(["ablate", path, "--plan", "--shards", str(shards), "--runs", str(tmp_path / "r")]) == 0
+    assert "8 cells" in capsys.readouterr().out
+    assert main(["ablate", path, "--report", "--out", str(tmp_path / "none")]) == 2
+    assert "no finished cell" in capsys.readouterr().err
+
+
+def test_demo_scale_pipeline_reuses_the_demo_and_fits_the_budget(tmp_path):
+    """pipelines/ablation-scenes.yaml renders and shards exactly what the demo does, in ≤ 45 min (estimate)."""
+    from synesthesia.ablate.runner import stage_one_overrides
+    from synesthesia.config import replace
+    from synesthesia.sources.scenes import render_config
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    demo = load_pipeline(root / "demo.yaml")
+    cfg = load_pipeline(root / "ablation-scenes.yaml")
+    assert render_config(cfg) == render_config(demo)
+    assert replace(cfg, stage_one_overrides(cfg, "latent")).shard == demo.shard
+    plan = Ablation(cfg, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).plan()
+    assert len(plan.cells) == 21 and len(plan.teachers) == 3
+    assert plan.estimate_s <= 45 * 60
+    full = load_pipeline(root / "ablation-scenes-full.yaml")
+    assert len(Ablation(full, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).cells) >= 3 * 5
