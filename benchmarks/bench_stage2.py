@@ -3,8 +3,9 @@
 Writes a small source + sidecar shard set in a temporary folder (not timed):
 64×64 RGB PNGs, three privileged modalities (depth, audio, lidar) of 32×8×8
 fp16 latents with S=2 samples per input, channel stats in the manifests. The
-models are the demo's: the default teacher (``TeacherConfig()``) and the
-``vit_tiny_scenes`` student, built and stepped with the trainer's own pieces
+models and privileged modalities are those of ``--pipeline`` (default
+``pipelines/demo.yaml``: its teacher section, its student, its
+``train.modalities`` and batch size), built and stepped with the trainer's own pieces
 (``StudentTrainee``, the methods registry, AdamW, ``ShardLoader``); the frozen
 teacher runs under ``torch.no_grad`` as in ``train/loop.py``.
 
@@ -50,6 +51,7 @@ minute on a quiet 2-core machine.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -63,7 +65,7 @@ import numpy as np
 import torch
 
 from common import emit, parser  # benchmarks/ is on sys.path when run as a script
-from synesthesia.config import MethodConfig, StudentConfig, TeacherConfig, load_pipeline
+from synesthesia.config import load_pipeline
 from synesthesia.methods import MethodContext, build_method
 from synesthesia.models.students import build_student
 from synesthesia.models.teacher import MultimodalTeacher
@@ -112,17 +114,17 @@ def write_shards(root: Path, samples: int, image_size: int = 64, spi: int = 2, s
 class Stepper:
     """One optimizer step of a student method, with the frozen teacher's forward when it needs one."""
 
-    def __init__(self, method: str, teacher: MultimodalTeacher, device: torch.device, image_size: int):
-        student = build_student(StudentConfig(name="vit_tiny_scenes"), NUM_CLASSES, image_size)
+    def __init__(self, method: str, teacher: MultimodalTeacher, device: torch.device, cfg, image_size: int):
+        student = build_student(cfg.student, NUM_CLASSES, image_size)
         ctx = MethodContext(
             num_classes=NUM_CLASSES,
             student_dims=dict(student.feature_dims),
             student_depth=student.depth,
             teacher_dim=teacher.dim,
             teacher_depth=teacher.depth,
-            modalities=MODALITIES,
+            modalities=tuple(cfg.train.modalities),
         )
-        built = build_method(MethodConfig(name=method), ctx)
+        built = build_method(dataclasses.replace(cfg.method, name=method), ctx)
         self.trainee = StudentTrainee(student, built).to(device).train()
         self.teacher = teacher if built.needs_teacher else None
         self.optimizer = torch.optim.AdamW(parameter_groups(self.trainee, 0.05), lr=1e-4)
@@ -180,7 +182,12 @@ def main() -> None:
         "--rounds", "--steps", type=int, default=10, help="timed rounds per measurement (default 10)"
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--pipeline",
+        default=str(Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"),
+        help="whose teacher, student, modalities and batch size to measure (default pipelines/demo.yaml)",
+    )
+    p.add_argument("--batch-size", type=int, default=0, help="0: the pipeline's train.batch_size")
     p.add_argument(
         "--workers",
         type=int,
@@ -207,19 +214,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(Path(tmp), args.samples)
+        base = load_pipeline(args.pipeline)
+        modalities = list(base.train.modalities) or list(MODALITIES)
+        unknown = sorted(set(modalities) - set(MODALITIES))
+        if unknown:
+            raise SystemExit(f"{args.pipeline}: train.modalities {unknown} not in {MODALITIES}")
+        batch_size = args.batch_size or base.train.batch_size
         cfg = load_pipeline(
-            None,
+            args.pipeline,
             [
                 "dataset=bench",
                 f"train.shards={tmp}",
-                f"train.modalities={list(MODALITIES)}",
-                f"train.batch_size={args.batch_size}",
+                f"train.modalities={modalities}",
+                "train.source=latent",
+                f"train.batch_size={batch_size}",
                 f"train.num_workers={workers}",
                 "train.shuffle_buffer=256",
             ],
         )
         spec = resolve_data(cfg)
-        teacher = MultimodalTeacher(TeacherConfig(), NUM_CLASSES, spec.image_size, spec.teacher_modalities())
+        teacher = MultimodalTeacher(cfg.teacher, NUM_CLASSES, spec.image_size, spec.teacher_modalities())
         teacher = teacher.to(device).eval().requires_grad_(False)
         loader = build_loader(spec, "train", cfg.train)
 
@@ -228,8 +242,8 @@ def main() -> None:
                 yield from loader.epoch(epoch)
 
         memory = list(itertools.islice(from_loader(), 4))  # in-memory, already decoded batches
-        ce = Stepper("ce", teacher, device, spec.image_size)
-        messy = Stepper("messy", teacher, device, spec.image_size)
+        ce = Stepper("ce", teacher, device, cfg, spec.image_size)
+        messy = Stepper("messy", teacher, device, cfg, spec.image_size)
         mem = itertools.cycle(memory)
         start = time.perf_counter()
 
@@ -258,9 +272,7 @@ def main() -> None:
             ce_loader, ce_memory_b = fed["loader"], fed["memory"]
         else:
             # batches the workers can hold ready: drained untimed at the start of each loader block
-            ready = max(
-                1, (loader.num_workers * max(2, args.batch_size // loader.num_workers)) // args.batch_size
-            )
+            ready = max(1, (loader.num_workers * max(2, batch_size // loader.num_workers)) // batch_size)
             per_block = max(2, args.rounds // 2)
             block(ce, feed, 0, skip=args.warmup + ready)  # start the workers, warm up
             mem_blocks = [block(ce, mem, per_block, skip=1)]
@@ -287,7 +299,7 @@ def main() -> None:
         "teacher_over_ce_step": round(statistics.median(teacher_ratios), 4),
         "loader_over_memory": round(statistics.median(loader_ratios), 4),
         "loader_over_memory_spread": spread(loader_ratios),
-        "samples_per_s": round(args.batch_size / statistics.median(messy_loader), 3),
+        "samples_per_s": round(batch_size / statistics.median(messy_loader), 3),
         "ce_step_s": round(statistics.median(timed["ce"]), 5),
         "messy_step_s": round(statistics.median(timed["messy"]), 5),
         "teacher_forward_s": round(statistics.median(timed["teacher"]), 5),
@@ -296,7 +308,7 @@ def main() -> None:
         "messy_loader_step_s": round(statistics.median(messy_loader), 5),
         "timing_wall_s": round(wall, 2),
         "config": {
-            "batch_size": args.batch_size,
+            "batch_size": batch_size,
             "rounds": args.rounds,
             "warmup": args.warmup,
             "workers": workers,
@@ -304,9 +316,10 @@ def main() -> None:
             "device": str(device),
             "image_size": spec.image_size,
             "latent": list(LATENT),
-            "modalities": list(MODALITIES),
-            "teacher": "TeacherConfig() (dim 192, depth 6)",
-            "student": "vit_tiny_scenes",
+            "pipeline": args.pipeline,
+            "modalities": modalities,
+            "teacher": dataclasses.asdict(cfg.teacher),
+            "student": cfg.student.name,
         },
     }
     ms, ls = result["messy_over_ce_step_spread"], result["loader_over_memory_spread"]
@@ -314,7 +327,7 @@ def main() -> None:
         f"messy_over_ce_step={result['messy_over_ce_step']:.2f} [{ms['p25']:.2f}-{ms['p75']:.2f}] (target <= 1.25;"
         f" teacher forward alone {result['teacher_over_ce_step']:.2f} of a CE step), "
         f"loader_over_memory={result['loader_over_memory']:.2f} [{ls['p25']:.2f}-{ls['p75']:.2f}] (target >= 0.8), "
-        f"samples_per_s={result['samples_per_s']:.1f} [{device}, batch {args.batch_size}, {threads} threads,"
+        f"samples_per_s={result['samples_per_s']:.1f} [{device}, batch {batch_size}, {threads} threads,"
         f" {workers} workers]"
     )
     emit("bench_stage2", result, summary, args.json_out)
