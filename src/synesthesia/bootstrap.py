@@ -588,7 +588,7 @@ is never decoded there.
 - **Model**: diffusers UNet2DModel, block channels {t["block_channels"]}, {t["layers_per_block"]} layer(s)
   per block, {t["parameters"]:,} parameters; input [RGB latent ; noisy target latent]
   ({index["cond_shape"][0]} + {index["target_shape"][0]} channels).
-- **Diffusion**: {index["scheduler"]}, prediction `{index["prediction_type"]}`, timestep sampling
+- **Diffusion**: {index["scheduler"][-1]}, prediction `{index["prediction_type"]}`, timestep sampling
   `{t["timestep_sampling"]}`; stage one samples with {index["inference_steps"]} step(s) and writes the
   mean of `ensemble` = {index["ensemble"]} seeded sample(s) per latent (Marigold-style test-time
   ensembling; override with the generator option `ensemble`).
