@@ -238,7 +238,7 @@ def test_cli_plan_and_missing_results(tmp_path, shards, capsys):
 
 
 def test_demo_scale_pipeline_reuses_the_demo_and_fits_the_budget(tmp_path):
-    """pipelines/ablation-scenes.yaml renders and shards exactly what the demo does, in ≤ 45 min (estimate)."""
+    """pipelines/ablation-scenes.yaml renders and shards exactly what the demo does, in ≤ 55 min (estimate)."""
     from synesthesia.ablate.runner import stage_one_overrides
     from synesthesia.config import replace
     from synesthesia.sources.scenes import render_config
@@ -250,6 +250,6 @@ def test_demo_scale_pipeline_reuses_the_demo_and_fits_the_budget(tmp_path):
     assert replace(cfg, stage_one_overrides(cfg, "latent")).shard == demo.shard
     plan = Ablation(cfg, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).plan()
     assert len(plan.cells) == 21 and len(plan.teachers) == 3
-    assert plan.estimate_s <= 45 * 60
+    assert plan.estimate_s <= 55 * 60
     full = load_pipeline(root / "ablation-scenes-full.yaml")
     assert len(Ablation(full, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).cells) >= 3 * 5

@@ -49,7 +49,8 @@ def tiny(shards, *overrides):
 
 def test_teacher_student_export_and_eval(shards, tmp_path, capsys):
     out = tmp_path / "runs"
-    teacher = train(tiny(shards, "train.stage=teacher", "train.epochs=1"), out)
+    # teacher.epochs sets the teacher's training length (train.epochs is the students')
+    teacher = train(tiny(shards, "train.stage=teacher", "train.epochs=3", "teacher.epochs=1"), out)
     assert set(teacher["test_missing"]) == {"all", "without_depth", "without_audio", "rgb_only"}
     assert teacher["test"]["samples"] == 4 and len(teacher["history"]) == 1
     cfg = tiny(shards, "train.stage=student", "method.name=messy", "train.epochs=1")

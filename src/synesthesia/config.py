@@ -164,6 +164,7 @@ class TeacherConfig:
     resampler_depth: int = 0  # latent self-attention blocks after the resampler's cross-attention
     resampler_mlp_ratio: float = 2.0
     decoded_max_tokens: int = 256  # decoded raw signals: stride-2 convs until at most this many tokens
+    epochs: int = 0  # training length of train.stage=teacher runs; 0: train.epochs (teachers often need more)
 
 
 @dataclass(frozen=True)

@@ -340,7 +340,8 @@ class Ablation:
             counts = {s: manifest.count(s) for s in manifest.splits}
         n_train = counts.get("train", 0)
         n_all = sum(counts.get(s, 0) for s in self.cfg.shard.splits)
-        t_epochs = replace(self.cfg, self.cfg.ablate.teacher_overrides).train.epochs
+        t_cfg = replace(self.cfg, self.cfg.ablate.teacher_overrides)
+        t_epochs = t_cfg.teacher.epochs or t_cfg.train.epochs
         student_s = EST_RUN_OVERHEAD_S + EST_STUDENT_S_PER_SAMPLE_EPOCH * n_train * self.cfg.train.epochs
         teacher_s = EST_RUN_OVERHEAD_S + EST_TEACHER_S_PER_SAMPLE_EPOCH * n_train * t_epochs
 
