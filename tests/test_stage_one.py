@@ -113,12 +113,15 @@ def test_rerun_skips_complete_shards_and_rewrites_the_same_manifest(source: Path
     run_stage_one(cfg, source, progress=False)
     directory = latent_dir(source, "toy", SET)
     before = files(directory)
+    timing = (directory / "throughput.json").read_text()
     mtimes = {p.name: p.stat().st_mtime_ns for p in directory.glob("*.tar")}
     result = run_stage_one(cfg, source, progress=False)
     assert result.ok
     assert files(directory) == before
     assert {p.name: p.stat().st_mtime_ns for p in directory.glob("*.tar")} == mtimes
     assert result.sets[0].throughput["skipped_complete_shards"] == 4
+    # the rerun wrote nothing, so the timing of the run that wrote the shards stays
+    assert (directory / "throughput.json").read_text() == timing
 
     # a missing shard is the only one redone, with the same bytes
     (directory / "train-000001.tar").unlink()

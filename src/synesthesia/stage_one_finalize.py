@@ -207,7 +207,12 @@ def stored_shape(directory: Path, infos: dict[str, list[ShardInfo]], field: str)
 
 
 def write_throughput(directory: Path, report: dict[str, Any]) -> None:
-    atomic_write_text(directory / THROUGHPUT, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    """Write ``throughput.json``, except for a rerun that wrote nothing (every shard already
+    complete): that keeps the timing of the run that did write the shards."""
+    path = directory / THROUGHPUT
+    if not (report.get("total") or {}).get("samples") and path.is_file():
+        return
+    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def build_manifest(

@@ -74,7 +74,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from synesthesia import UserError
-from synesthesia.config import replace as replace_config
 from synesthesia.config import to_dict, write_resolved
 from synesthesia.train.checkpoint import (
     TrainState,
@@ -359,9 +358,9 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
     from transformers import get_cosine_schedule_with_warmup
 
     check_config(cfg)
-    if cfg.train.stage == "teacher" and cfg.teacher.epochs > 0:
-        cfg = replace_config(cfg, [f"train.epochs={cfg.teacher.epochs}"])
     t = cfg.train
+    if t.stage == "teacher" and cfg.teacher.epochs > 0:  # teachers may train longer than students
+        t = dataclasses.replace(t, epochs=cfg.teacher.epochs)
     out = Path(out)
     run = run_dir(cfg, out)
     accelerator = Accelerator(
