@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from synesthesia.config import PipelineConfig, replace, write_resolved
+from synesthesia.config import PipelineConfig, config_hash, replace, write_resolved
 from synesthesia.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -35,9 +36,12 @@ def teacher_source(cfg: PipelineConfig) -> str:
     return "latent" if generates else "real"
 
 
-def _finished(run: Path) -> dict[str, Any] | None:
-    path = run / "metrics.json"
-    if not path.is_file():
+def _finished(run: Path, cfg: PipelineConfig) -> dict[str, Any] | None:
+    """A run's metrics when it finished under exactly ``cfg`` (its config.json hash), else None."""
+    path, written = run / "metrics.json", run / "config.json"
+    if not path.is_file() or not written.is_file():
+        return None
+    if json.loads(written.read_text()).get("config_hash") != config_hash(cfg):
         return None
     metrics = json.loads(path.read_text())
     return metrics if (metrics.get("test") or {}).get("accuracy") is not None else None
@@ -48,10 +52,14 @@ def _train(cfg: PipelineConfig, runs: Path, overrides: list[str]) -> dict[str, A
     from synesthesia.train.loop import train
 
     run_cfg = replace(cfg, overrides)
-    done = _finished(run_dir(run_cfg, runs))
+    run = run_dir(run_cfg, runs)
+    done = _finished(run, run_cfg)
     if done is not None:
-        logger.info("%s already trained; kept", run_dir(run_cfg, runs))
+        logger.info("%s already trained; kept", run)
         return done
+    if run.exists():  # unfinished, or trained under another config: start over
+        logger.info("%s is unfinished or was trained with another config; training it again", run)
+        shutil.rmtree(run)
     return train(run_cfg, runs)
 
 
