@@ -81,6 +81,7 @@ from synesthesia.methods.base import (
 )
 from synesthesia.models.adapters import build_adapter
 from synesthesia.models.outputs import StudentOutput, TeacherOutput
+from synesthesia.models.students import as_tokens
 
 DEFAULT_WEIGHT = 1.0
 OPTIONS = (
@@ -138,17 +139,6 @@ class Block(nn.Module):
         x = x + attended
         x = x + self.mlp(self.norm2(x))
         return x, weights
-
-
-def _as_tokens(x: torch.Tensor | tuple) -> torch.Tensor:
-    """(B, N, D) tokens from NLC tokens, (tokens, prefix tokens), an NCHW map or a pooled (B, D) feature."""
-    if isinstance(x, tuple):
-        x = x[0]
-    if x.ndim == 4:
-        return x.flatten(2).transpose(1, 2)
-    if x.ndim == 2:
-        return x.unsqueeze(1)
-    return x
 
 
 @METHODS.register("cotrain")
@@ -240,14 +230,14 @@ class CoTrain(Method):
     def _student_tokens(self, student: StudentOutput, layer: int, strict: bool = False) -> torch.Tensor:
         tokens = getattr(student, "tokens", None) or {}
         if layer in tokens:
-            return _as_tokens(tokens[layer])
+            return as_tokens(tokens[layer])
         if strict:
             raise UserError(
                 "cotrain attention transfer needs token-level student features (StudentOutput.tokens)"
             )
         if layer not in student.features:
             raise UserError(f"cotrain: the student output has no features for layer {layer}")
-        return _as_tokens(student.features[layer])
+        return as_tokens(student.features[layer])
 
     def multimodal(self, student: StudentOutput, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The multimodal branch: (logits, last block's CLS attention over all tokens, number of RGB tokens)."""

@@ -118,6 +118,18 @@ def create_backbone(cfg: StudentConfig, num_classes: int, image_size: int) -> nn
         raise UserError(f"could not load pretrained weights for student {cfg.name!r}: {exc}") from None
 
 
+def as_tokens(feature: Any) -> torch.Tensor:
+    """(B, N, D) tokens of one intermediate: ViT patch tokens (prefix dropped), a flattened
+    NCHW map, or a pooled (B, D) feature as one token."""
+    if isinstance(feature, tuple):
+        feature = feature[0]
+    if feature.ndim == 4:
+        return feature.flatten(2).transpose(1, 2)
+    if feature.ndim == 2:
+        return feature.unsqueeze(1)
+    return feature
+
+
 class Student(nn.Module):
     """An RGB-only classifier around a timm backbone (``self.model``).
 
@@ -164,17 +176,6 @@ class Student(nn.Module):
             return feature.mean(dim=1)
         return feature
 
-    @staticmethod
-    def _tokens(feature: Any) -> torch.Tensor:
-        """(B, N, D) tokens of one intermediate: ViT patch tokens (prefix dropped) or a flattened NCHW map."""
-        if isinstance(feature, tuple):
-            feature = feature[0]
-        if feature.ndim == 4:
-            return feature.flatten(2).transpose(1, 2)
-        if feature.ndim == 2:
-            return feature.unsqueeze(1)
-        return feature
-
     def forward(self, rgb: torch.Tensor, layers: list[int] | None = None) -> StudentOutput:
         if not layers:
             return StudentOutput(logits=self.model(rgb))
@@ -188,7 +189,7 @@ class Student(nn.Module):
         logits = self.model.forward_head(final)
         pairs = list(zip(indices, intermediates, strict=True))
         features = {index: self._pool(feat) for index, feat in pairs}
-        tokens = {index: self._tokens(feat) for index, feat in pairs}
+        tokens = {index: as_tokens(feat) for index, feat in pairs}
         return StudentOutput(logits=logits, features=features, tokens=tokens)
 
     def config_dict(self) -> dict[str, Any]:

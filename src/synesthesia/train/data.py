@@ -46,7 +46,7 @@ from torchvision.transforms import v2
 
 from synesthesia import UserError
 from synesthesia.generators.base import key_seed
-from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, aligned_shards
+from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, aligned_shards, iter_shard
 from synesthesia.shards.schema import SchemaError, decode_npy, decoded_field, image_field, latent_field
 from synesthesia.shards.writer import Manifest
 
@@ -63,24 +63,9 @@ _SOURCE_MODE = {"latent": "generate", "decoded": "generate", "real": "encode"}
 
 
 def read_shard(path: Path, handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
-    """The raw samples of one tar shard, in order.
-
-    Read with no node or worker splitter: the shard was chosen for this rank
-    and worker explicitly (webdataset's defaults would refuse a distributed run,
-    or give a worker other than the first nothing to read).
-    """
-    dataset = wds.WebDataset(
-        str(path),
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=None,
-        handler=handler,
-        empty_check=False,
-    )
-    for sample in dataset:
-        sample.pop("__url__", None)
-        sample.pop("__local_path__", None)
-        yield sample
+    """The raw samples of one tar shard, in order (the shards reader's :func:`iter_shard`:
+    this rank and worker chose the shard, so no webdataset splitter runs)."""
+    return iter_shard(path, handler)
 
 
 def read_aligned(source: Path, sidecars: dict[str, Path], handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
