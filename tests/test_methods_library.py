@@ -356,7 +356,10 @@ def test_grad_reverse():
 
 
 def test_basis_realloc_gradients_and_missing_modalities(teacher):
-    cfg = MethodConfig(name="basis-realloc", options={"md_weight": 1.0, "grl_scale": 1.0})
+    cfg = MethodConfig(
+        name="basis-realloc",
+        options={"md_weight": 1.0, "grl_scale": 1.0, "adversary": "grl", "grl_ramp_steps": 0},
+    )
     method = METHODS.get("basis-realloc")(cfg, teacher_ctx(teacher))
     assert method.stage == "teacher"
     batch = make_batch(8)
@@ -376,7 +379,7 @@ def test_basis_realloc_gradients_and_missing_modalities(teacher):
     plain_md = F.cross_entropy(method.discriminator(feats), ys)  # no GRL
     g_plain = grads_of(plain_md, {**disc, **enc})
     # recompute the GRL loss on the same (eval-mode) outputs for an exact comparison
-    grl_md, _ = method.discriminator_loss(g, present)
+    grl_md = method.discriminator_loss(g, present)["md"]
     g_grl = grads_of(grl_md, {**disc, **enc})
     for n in disc:
         assert torch.allclose(g_grl[n], g_plain[n], atol=1e-6)
@@ -412,6 +415,57 @@ def test_basis_realloc_gradients_and_missing_modalities(teacher):
     assert logits.shape == (8, NUM_CLASSES) and torch.isfinite(logits).all()
     report = modality_robustness(lambda b: method.predict(teacher, b), [batch], list(SPECS))
     assert set(report) >= {"full", "removed/depth", "corrupted/lidar", "removed/all"}
+
+
+def test_basis_realloc_confusion_adversary_splits_the_game(teacher):
+    """confusion: ψ learns only from L_md on sg(g); the encoders (and the teacher) only from the
+    bounded confusion term, which is smallest (log K) when ψ outputs uniform."""
+    method = BasisReallocation(
+        MethodConfig(name="basis-realloc", options={"grl_ramp_steps": 0}), teacher_ctx(teacher)
+    )
+    assert method.opts["adversary"] == "confusion"
+    batch = make_batch(8)
+    terms = method.teacher_step(teacher, batch)
+    assert {"md", "md_acc", "confusion"} <= set(terms)
+    disc = dict(method.discriminator.named_parameters(prefix="disc"))
+    enc = dict(method.encoders["depth"].named_parameters(prefix="enc"))
+    trunk = {"trunk": teacher.adapters["depth"].mlp.net[1].weight}
+    g_md = grads_of(terms["md"], {**disc, **enc, **trunk})
+    g_conf = grads_of(terms["confusion"], {**disc, **enc, **trunk})
+    assert all(nonzero(g_md[n]) for n in disc) and not any(nonzero(g_md[n]) for n in (*enc, *trunk))
+    assert not any(nonzero(g_conf[n]) for n in disc) and all(nonzero(g_conf[n]) for n in (*enc, *trunk))
+    k = len(method.names)
+    assert float(terms["confusion"].detach()) >= math.log(k) - 1e-5
+    with torch.no_grad():  # a ψ that says "uniform" reaches the bound exactly
+        method.discriminator[-1].weight.zero_()
+        method.discriminator[-1].bias.zero_()
+    assert float(method.teacher_step(teacher, batch)["confusion"].detach()) == pytest.approx(
+        math.log(k), abs=1e-5
+    )
+
+    # adversary_into_teacher=false: the adversarial gradient stops at h_i
+    stopped = BasisReallocation(
+        MethodConfig(name="basis-realloc", options={"adversary_into_teacher": False}), teacher_ctx(teacher)
+    )
+    conf = stopped.teacher_step(teacher, batch)["confusion"]
+    enc = dict(stopped.encoders["depth"].named_parameters(prefix="enc"))
+    g = grads_of(conf, {**enc, **trunk})
+    assert nonzero(g["enc.0.weight"]) and not nonzero(g["trunk"])
+
+
+def test_basis_realloc_adversary_ramp():
+    """γ_s follows DANN's 2/(1+exp(−10 s/S)) − 1: 0 at the start, ≈ γ after S batches."""
+    ctx = MethodContext(num_classes=3, student_dims={}, student_depth=0, teacher_dim=8, modalities=("depth",))
+    method = BasisReallocation(
+        MethodConfig(name="basis-realloc", options={"grl_scale": 0.5, "grl_ramp_steps": 100}), ctx
+    )
+    assert method.adversary_scale() == 0.0
+    method.steps.fill_(50)
+    assert method.adversary_scale() == pytest.approx(0.5 * (2 / (1 + math.exp(-5)) - 1))
+    method.steps.fill_(1000)
+    assert method.adversary_scale() == pytest.approx(0.5 * (2 / (1 + math.exp(-10)) - 1))
+    with pytest.raises(UserError, match="adversary"):
+        BasisReallocation(MethodConfig(name="basis-realloc", options={"adversary": "wgan"}), ctx)
 
 
 def test_basis_realloc_diagnostics(teacher):

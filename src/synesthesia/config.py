@@ -195,6 +195,9 @@ class TrainConfig:
     stage: str = "student"  # teacher | student
     modalities: list[str] = field(default_factory=lambda: ["depth", "audio", "lidar"])
     source: str = "latent"  # none | latent | decoded | real
+    # source=decoded only: read stage one's decoded sidecars (decoded/<set>/, written with
+    # shard.decode: true) | decode the latent set (latents/<set>/) on the fly, batch by batch
+    decoded_from: str = "sidecars"  # sidecars | latents
     latent_sets: dict[str, str] = field(default_factory=dict)  # modality -> sidecar set name
     teacher: str | None = None  # path of a trained teacher run (student stage)
     epochs: int = 10
@@ -214,7 +217,9 @@ class TrainConfig:
     seed: int = 0
     shards: str = "shards"  # shard root: reads <shards>/<dataset>/source and its sidecars
     image_size: int = 0  # 0: the source manifest's extra.image_size, else the first image's size
-    run_name: str = ""  # run folder under <out>/<pipeline name>/; "": <stage or method>-<source>-s<seed>
+    # run folder under <out>/<pipeline name>/; "": <stage or method>-<source>-s<seed>
+    # (source=decoded with decoded_from=latents: <stage or method>-decoded-latents-s<seed>)
+    run_name: str = ""
     on_error: str = "warn"  # bad samples: warn | skip | raise
     record_keys: bool = False  # audit: write every sample key seen, per rank and epoch, to <run>/keys/
     device: str = "auto"  # auto (an accelerator if there is one, else CPU) | cpu | cuda

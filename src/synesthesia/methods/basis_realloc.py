@@ -18,16 +18,36 @@ Here, as a teacher objective (``stage = "teacher"``):
   modalities}. h_i, h_i⁻¹ are Linear(D→H), GELU, Linear(H→D) with H =
   ``hidden`` [D]; ψ is Linear(D→H), GELU, Linear(H→M+1); the fusion head is
   LayerNorm, Linear((M+1)·D→H), GELU, Linear(H→classes) over the concatenated
-  decoded features (``fusion: linear`` for one Linear layer). These live in
-  this module (trained with the teacher; not part of its checkpoint).
+  decoded features (``fusion: linear`` for one Linear layer). ψ starts with a
+  LayerNorm (our choice): the encoders cannot fool it by rescaling g. These
+  live in this module (trained with the teacher; not part of its checkpoint).
 - Loss per step::
 
-      L = w_t·CE(teacher) + CE(fusion(h⁻¹(g))) + w_md·L_md(ψ(GRL_γ(g)))
+      L = w_t·CE(teacher) + CE(fusion(h⁻¹(g))) + w_md·L_adv
           + w_kd·T²·KL(softmax(z_full/T) ‖ softmax(z_rgb/T)) + w_rec·‖h⁻¹(g) − sg(f)‖²
 
-  w_t = ``teacher_ce_weight`` [1], w_md = ``md_weight`` [0.1], γ =
-  ``grl_scale`` [1], w_kd = ``kd_weight`` [1], T = ``method.temperature``,
-  w_rec = ``recon_weight`` [0]. The KD term is the cross-modal distillation of
+  w_t = ``teacher_ce_weight`` [1], w_md = ``md_weight`` [0.1], w_kd =
+  ``kd_weight`` [1], T = ``method.temperature``, w_rec = ``recon_weight`` [0].
+- The adversarial game L_adv (``adversary``; the paper's is a GRL, its
+  stability details are left open):
+
+  - ``grl``: L_adv = L_md(ψ(GRL_γ(g))): ψ minimises L_md, the encoders get
+    −γ·∂L_md, i.e. *maximise* ψ's cross-entropy — an unbounded objective: on the
+    demo scenes (20-epoch teacher, γ = 1) it made ψ confidently wrong (L_md
+    spikes of 10–27), its gradient dominated the global clip norm and the
+    teacher stayed at chance (22.7 % test vs 56.3 % plain).
+  - ``confusion`` [default]: the domain-confusion form of the same game
+    (Tzeng et al. 2015): ψ minimises L_md on sg(g); the encoders minimise
+    γ·CE(ψ̄(g), uniform) with ψ̄ = ψ's weights held fixed — bounded below by
+    log(M+1), zero gradient once ψ cannot tell the modalities apart. Same
+    equilibrium (ψ at chance), stable optimisation.
+
+  γ = ``grl_scale`` [1] ramps up as in DANN (Ganin & Lempitsky 2015),
+  γ_s = γ·(2/(1 + exp(−10·s/S)) − 1) over S = ``grl_ramp_steps`` [200]
+  training batches (0: constant γ). With ``adversary_into_teacher`` [true] the
+  encoders' adversarial gradient reaches the teacher's trunk (the paper's f_i
+  maximise L_md); false stops it at h_i.
+- The KD term is the cross-modal distillation of
   the paper, read here as the teacher's all-modality prediction (stop-grad)
   distilled into its own RGB-only pathway (all privileged modalities replaced
   by null tokens) — the encoder that must carry the missing modalities' share.
@@ -50,6 +70,8 @@ layer's weight norm (the basis it is allocated), and the stable rank of g_i.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +93,10 @@ OPTIONS = {
     "fusion": "mlp",
     "teacher_ce_weight": 1.0,
     "md_weight": 0.1,
+    "adversary": "confusion",
     "grl_scale": 1.0,
+    "grl_ramp_steps": 200,
+    "adversary_into_teacher": True,
     "kd_weight": 1.0,
     "recon_weight": 0.0,
     "sim_momentum": 0.9,
@@ -122,6 +147,8 @@ class BasisReallocation(Method):
             )
         if o["fusion"] not in ("mlp", "linear"):
             raise UserError(f"method.options.fusion={o['fusion']!r}; valid: mlp, linear")
+        if o["adversary"] not in ("grl", "confusion"):
+            raise UserError(f"method.options.adversary={o['adversary']!r}; valid: grl, confusion")
         if o["predict_with"] not in ("fusion", "teacher"):
             raise UserError(f"method.options.predict_with={o['predict_with']!r}; valid: fusion, teacher")
         if cfg.temperature <= 0:
@@ -131,7 +158,7 @@ class BasisReallocation(Method):
         hidden = int(o["hidden"]) or dim
         self.encoders = nn.ModuleDict({n: _mlp(dim, hidden, dim) for n in self.names})
         self.decoders = nn.ModuleDict({n: _mlp(dim, hidden, dim) for n in self.names})
-        self.discriminator = _mlp(dim, hidden, len(self.names))
+        self.discriminator = nn.Sequential(nn.LayerNorm(dim), *_mlp(dim, hidden, len(self.names)))
         width = len(self.names) * dim
         if o["fusion"] == "linear":
             self.fusion = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, ctx.num_classes))
@@ -142,13 +169,15 @@ class BasisReallocation(Method):
         # similarity[i, j]: EMA of mean cos(g_i, g_j); diagonal 1.
         self.register_buffer("similarity", torch.eye(len(self.names)))
         self.register_buffer("sim_seen", torch.zeros(len(self.names), len(self.names), dtype=torch.bool))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training batches seen (γ ramp)
 
     # ------------------------------------------------------------------ pieces
 
-    def encode(self, out: TeacherOutput) -> dict[str, torch.Tensor]:
-        """g_i = h_i(f_i) for every modality slot (RGB and each privileged one)."""
+    def encode(self, out: TeacherOutput, detach: bool = False) -> dict[str, torch.Tensor]:
+        """g_i = h_i(f_i) for every modality slot (RGB and each privileged one); h_i(sg(f_i)) with ``detach``."""
         layer = int(self.opts["feature_layer"])
-        return {n: self.encoders[n](out.modality_feature(layer, n).float()) for n in self.names}
+        feats = {n: out.modality_feature(layer, n).float() for n in self.names}
+        return {n: self.encoders[n](f.detach() if detach else f) for n, f in feats.items()}
 
     def present_masks(
         self, out: TeacherOutput, latents: dict, batch_size: int, device
@@ -212,19 +241,50 @@ class BasisReallocation(Method):
                 self.similarity[a, b] = self.similarity[b, a] = new
                 self.sim_seen[a, b] = self.sim_seen[b, a] = True
 
-    def discriminator_loss(
-        self, g: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_md = CE(ψ(GRL(g_i)), i) over present samples, and ψ's accuracy."""
+    def adversary_scale(self) -> float:
+        """γ_s: ``grl_scale`` ramped by DANN's 2/(1 + exp(−10·s/S)) − 1 over ``grl_ramp_steps``."""
+        scale = float(self.opts["grl_scale"])
+        ramp = int(self.opts["grl_ramp_steps"])
+        if ramp <= 0:
+            return scale
+        progress = min(float(self.steps) / ramp, 1.0)
+        return scale * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0)
+
+    def _stack(self, g: dict[str, torch.Tensor], present: dict[str, torch.Tensor]):
         feats, targets = [], []
         for i, n in enumerate(self.names):
             rows = g[n][present[n]]
             feats.append(rows)
             targets.append(torch.full((rows.shape[0],), i, dtype=torch.long, device=rows.device))
-        x = torch.cat(feats)
-        y = torch.cat(targets)
-        logits = self.discriminator(grad_reverse(x, float(self.opts["grl_scale"])))
-        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().detach()
+        return torch.cat(feats), torch.cat(targets)
+
+    def discriminator_loss(
+        self, g: dict[str, torch.Tensor], present: dict[str, torch.Tensor], scale: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The adversarial terms over present samples: ``md`` (ψ's CE), ``md_acc``, and for
+        ``adversary: confusion`` the encoders' ``confusion`` (CE of fixed-weight ψ against uniform).
+
+        ``grl``: ``md`` is computed on GRL_γ(g), so its gradient trains ψ and reverses into the
+        encoders. ``confusion``: ``md`` sees sg(g) (ψ only); ``confusion`` (already × γ) moves
+        only the encoders.
+        """
+        scale = self.adversary_scale() if scale is None else scale
+        x, y = self._stack(g, present)
+        if self.opts["adversary"] == "grl":
+            logits = self.discriminator(grad_reverse(x, scale))
+            return {
+                "md": F.cross_entropy(logits, y),
+                "md_acc": (logits.argmax(-1) == y).float().mean().detach(),
+            }
+        logits = self.discriminator(x.detach())
+        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+        fooled = torch.func.functional_call(self.discriminator, frozen, (x,))
+        confusion = -F.log_softmax(fooled.float(), dim=-1).mean(dim=-1).mean()
+        return {
+            "md": F.cross_entropy(logits, y),
+            "md_acc": (logits.argmax(-1) == y).float().mean().detach(),
+            "confusion": scale * confusion,
+        }
 
     # ------------------------------------------------------------------ interface
 
@@ -234,6 +294,8 @@ class BasisReallocation(Method):
         g = self.encode(out)
         present = self.present_masks(out, latents, rgb.shape[0], rgb.device)
         self.update_similarity(g, present)
+        if self.training:
+            self.steps += 1
         if not self.opts["substitute_in_training"]:
             present_for_decode = {n: torch.ones_like(present[n]) for n in self.names}
         else:
@@ -242,13 +304,11 @@ class BasisReallocation(Method):
         fused = self.fuse(decoded)
         ce_teacher = F.cross_entropy(out.logits.float(), label)
         ce_fusion = F.cross_entropy(fused.float(), label)
-        l_md, md_acc = self.discriminator_loss(g, present)
-        terms = {"ce_teacher": ce_teacher, "ce_fusion": ce_fusion, "md": l_md, "md_acc": md_acc}
-        loss = (
-            float(self.opts["teacher_ce_weight"]) * ce_teacher
-            + ce_fusion
-            + float(self.opts["md_weight"]) * l_md
-        )
+        g_adv = g if self.opts["adversary_into_teacher"] else self.encode(out, detach=True)
+        adv = self.discriminator_loss(g_adv, present)
+        terms = {"ce_teacher": ce_teacher, "ce_fusion": ce_fusion, **adv}
+        loss = float(self.opts["teacher_ce_weight"]) * ce_teacher + ce_fusion
+        loss = loss + float(self.opts["md_weight"]) * (adv["md"] + adv.get("confusion", 0.0))
         if float(self.opts["kd_weight"]) > 0:
             rgb_only = teacher(rgb, {})
             kd = distillation_kl(rgb_only.logits, out.logits, self.cfg.temperature)

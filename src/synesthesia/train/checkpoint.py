@@ -43,15 +43,25 @@ def teacher_objective(cfg) -> str | None:
     return cfg.method.name if getattr(METHODS.get(cfg.method.name), "stage", "student") == "teacher" else None
 
 
+def source_tag(train) -> str:
+    """The privileged source as run names spell it: ``train.source``, except ``decoded-latents``
+    for ``source=decoded`` with ``decoded_from=latents`` (decoded on the fly), so such a run
+    never lands in the folder of the run that read stage one's decoded sidecars."""
+    if train.source == "decoded" and train.decoded_from == "latents":
+        return "decoded-latents"
+    return train.source
+
+
 def default_run_name(cfg) -> str:
     """``teacher-<source>-s<seed>`` for the plain teacher, ``teacher-<objective>-<source>-s<seed>``
-    for a teacher trained with a teacher objective, ``<method>-<source>-s<seed>`` for a student."""
+    for a teacher trained with a teacher objective, ``<method>-<source>-s<seed>`` for a student;
+    ``<source>`` is :func:`source_tag` (``decoded-latents`` when decoding on the fly)."""
     if cfg.train.stage == "teacher":
         objective = teacher_objective(cfg)
         head = f"teacher-{objective}" if objective else "teacher"
     else:
         head = cfg.method.name
-    return f"{head}-{cfg.train.source}-s{cfg.train.seed}"
+    return f"{head}-{source_tag(cfg.train)}-s{cfg.train.seed}"
 
 
 def run_dir(cfg, out: str | Path = "runs") -> Path:
@@ -65,7 +75,10 @@ def teacher_dir(cfg, out: str | Path = "runs") -> Path:
     ``train.teacher`` as a folder path (one that exists, or that has a path
     separator); a bare name (``teacher-modalimmune-latent-s0``) is a run of this
     pipeline, ``<out>/<name>/<train.teacher>``; unset, the plain teacher
-    ``<out>/<name>/teacher-<source>-s<seed>``.
+    ``<out>/<name>/teacher-<source>-s<seed>`` (``<source>`` as :func:`source_tag`
+    spells it: a student decoding on the fly distils from the teacher that did too;
+    either teacher loads with either kind of decoded data, so ``train.teacher`` may
+    name the other).
     """
     chosen = cfg.train.teacher
     if chosen:
@@ -73,7 +86,7 @@ def teacher_dir(cfg, out: str | Path = "runs") -> Path:
         if path.is_dir() or len(path.parts) > 1 or path.is_absolute():
             return path
         return Path(out) / cfg.name / chosen
-    return Path(out) / cfg.name / f"teacher-{cfg.train.source}-s{cfg.train.seed}"
+    return Path(out) / cfg.name / f"teacher-{source_tag(cfg.train)}-s{cfg.train.seed}"
 
 
 @dataclass

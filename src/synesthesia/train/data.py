@@ -22,16 +22,44 @@ random resized crop and horizontal flip, torchvision ``transforms.v2``; eval:
 resize and centre crop), normalised with the ImageNet statistics; each
 latent is standardised per channel with its sidecar manifest's
 ``channel_stats`` (``(z - mean_c) / std_c``), and when the generator wrote
-``S`` samples per input one of them is drawn. The draw and the augmentation are
+``S`` samples per input one of them is drawn (for decoded sidecars too: their
+S decodings are not stacked as channels, so the decoded and latent sources see
+the same one generated sample per input and epoch). The draw and the augmentation are
 seeded by ``(seed, epoch, key)``, so they do not depend on which rank or worker
 reads the sample, and a resumed run sees the same batches.
+
+The decoded privileged source (``train.source=decoded``, the decode-encode loop
+that DLA removes) comes from where ``train.decoded_from`` says:
+
+- ``sidecars`` (default): stage one's decoded sidecar set ``decoded/<set>/``
+  (written with ``shard.decode: true``), read like any sidecar;
+- ``latents``: the latent set ``train.source=latent`` reads (``latents/<set>/``,
+  ``train.latent_sets`` honoured), decoded on the fly. The workers pass the raw
+  (not standardised) latent, one of its ``S`` samples drawn exactly as for the
+  latent source; in the main process, after :func:`collate`,
+  :class:`OnTheFlyDecoder` decodes the batch with the set's own generator
+  (rebuilt from its manifest's ``config.generator``; built once per loader,
+  frozen, eval mode, ``torch.inference_mode``, the autocast precision stage one
+  recorded) into ``batch["decoded"]`` and drops the raw latents. Flagged samples
+  get zeros, as in the decoded sidecars. The decode runs on the loader's
+  ``device`` (:func:`build_loader`; the trainer passes the accelerator's, the
+  CPU otherwise) and its seconds are counted in :attr:`ShardLoader.decode_s`
+  (the trainer's ``timing.decode_s_per_step``, part of ``data_s_per_step``).
+
+Either way the teacher sees ``{"kind": "decoded", "shape": [H, W]}`` (the
+on-the-fly shape is found at resolve time by decoding one zero latent), so a
+teacher trained one way evaluates and distils the other way. The other sources
+ignore ``decoded_from`` (it says where decoded signals come from, and they read
+none), so it can be set once for a whole ablation grid or ``synesthesia eval``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +73,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from synesthesia import UserError
-from synesthesia.generators.base import key_seed
+from synesthesia.generators.base import Generator, autocast_context, key_seed
 from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, aligned_shards, iter_shard
 from synesthesia.shards.schema import SchemaError, decode_npy, decoded_field, image_field, latent_field
 from synesthesia.shards.writer import Manifest
@@ -55,6 +83,8 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("none", "latent", "decoded", "real")
+DECODED_FROM = ("sidecars", "latents")
+RAW_LATENTS = "raw_latents"  # sample/batch key of the latents to decode on the fly (dropped once decoded)
 # Which generator mode feeds each privileged source when train.latent_sets does not say.
 _SOURCE_MODE = {"latent": "generate", "decoded": "generate", "real": "encode"}
 
@@ -95,7 +125,19 @@ def read_aligned(source: Path, sidecars: dict[str, Path], handler: ErrorPolicy) 
 
 @dataclass(frozen=True)
 class Sidecar:
-    """One privileged modality's sidecar set and what is needed to read it."""
+    """One privileged modality's sidecar set and what is needed to read it.
+
+    ``kind`` is what the models get, ``latent`` or ``decoded``. A decoded sidecar
+    read from stage one's decoded set (``train.decoded_from=sidecars``) has
+    ``spec = {"shape": [H, W], "samples_per_input": S}`` (one signal's shape; each
+    stored sample holds S of them). One decoded on the fly (``decoded_from=latents``,
+    :attr:`on_the_fly`) reads the *latent* set ``directory`` and records what
+    decodes it: ``generator``, the GeneratorConfig dict of the set's manifest
+    (``config.generator``: name, modality, weights, options, samples_per_input,
+    seed), and in ``spec`` the decoded ``shape``, the stored latent's
+    ``latent_shape``, ``latent_kind`` and ``samples_per_input``, and the autocast
+    ``precision`` stage one ran with (fp32 wherever the decode runs on the CPU).
+    """
 
     modality: str
     directory: Path
@@ -103,10 +145,23 @@ class Sidecar:
     spec: dict[str, Any]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    generator: dict[str, Any] | None = None  # decoded_from=latents: the GeneratorConfig that decodes
+
+    @property
+    def on_the_fly(self) -> bool:
+        """Decoded from the latent set while training (``train.decoded_from=latents``)."""
+        return self.kind == "decoded" and self.generator is not None
 
     @property
     def field(self) -> str:
-        return latent_field(self.modality) if self.kind == "latent" else decoded_field(self.modality)
+        if self.kind == "latent" or self.on_the_fly:
+            return latent_field(self.modality)
+        return decoded_field(self.modality)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of one stored sample (after the S draw): the latent's when decoding on the fly."""
+        return tuple(self.spec["latent_shape" if self.on_the_fly else "shape"])
 
     @property
     def samples_per_input(self) -> int:
@@ -168,23 +223,109 @@ def _find_set(root: Path, kind_dir: str, modality: str, source: str) -> Path:
     )
 
 
-def resolve_sidecar(root: Path, modality: str, source: str, set_name: str | None) -> Sidecar:
+def check_decoded_from(train) -> None:
+    """``train.decoded_from`` must be one of :data:`DECODED_FROM` (whatever the source)."""
+    if train.decoded_from not in DECODED_FROM:
+        raise UserError(
+            f"unknown train.decoded_from {train.decoded_from!r}; valid: {', '.join(DECODED_FROM)}"
+        )
+
+
+def build_decoder(
+    gen: dict[str, Any], device: str | torch.device = "cpu", precision: str = "fp32"
+) -> Generator:
+    """The generator of a latent set's manifest (``config.generator``), frozen and in eval mode on
+    ``device`` with ``precision`` autocast (fp32 on the CPU), to decode its latents."""
+    from synesthesia.config import GeneratorConfig, build
+    from synesthesia.stage_one import build_generator
+
+    generator = build_generator(build(GeneratorConfig, dict(gen), "generator"))
+    return generator.setup(device, precision)
+
+
+def decode_latents(generator: Generator, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as stored (B, *latent shape) → raw signals (B, H, W) float32 (or B×C×H×W) on the CPU, as stage
+    one decodes them for ``shard.decode: true`` (floats in float32, codes as integers; the
+    generator's device and autocast precision; ``torch.inference_mode``)."""
+    latents = latents.to(generator.device)
+    if latents.is_floating_point():
+        latents = latents.float()
+    try:
+        with torch.inference_mode(), autocast_context(generator.device, generator.precision):
+            signal = generator.decode(latents)
+    except NotImplementedError:
+        raise UserError(
+            f"generator {generator.name!r} has no decoder: train.decoded_from=latents cannot decode its latents"
+        ) from None
+    signal = signal.float().cpu()
+    # a normal tensor, not an inference tensor: flagged rows are zeroed in place, and autograd may keep it
+    return signal.clone() if signal.is_inference() else signal
+
+
+def _on_the_fly_sidecar(directory: Path, modality: str, manifest: Manifest) -> Sidecar:
+    """``decoded_from=latents``: the latent set ``directory`` and what decodes it (one zero latent
+    is decoded, on the CPU, to find the decoded shape)."""
+    latent = dict(manifest.latent_spec or {})
+    if not latent.get("shape"):
+        raise UserError(f"{directory}/manifest.json has no latent_spec.shape")
+    config = manifest.config or {}
+    gen = config.get("generator")
+    if not isinstance(gen, dict) or not gen.get("name"):
+        raise UserError(
+            f"{directory}/manifest.json records no config.generator to decode with; "
+            "train.decoded_from=latents needs a latent set written by `synesthesia shard`"
+        )
+    kind = latent.get("kind", "spatial")
+    spec = {
+        "latent_shape": [int(n) for n in latent["shape"]],
+        "latent_kind": kind,
+        "samples_per_input": int(latent.get("samples_per_input", 1) or 1),
+        "precision": str((config.get("stage_one") or {}).get("precision") or "fp32"),
+    }
+    zero = torch.zeros((1, *spec["latent_shape"]), dtype=torch.int64 if kind == "codes" else torch.float32)
+    signal = decode_latents(build_decoder(gen), zero)
+    spec["shape"] = [int(n) for n in signal.shape[1:]]
+    return Sidecar(modality, directory, "decoded", spec, generator=dict(gen))
+
+
+def resolve_sidecar(
+    root: Path, modality: str, source: str, set_name: str | None, decoded_from: str = "sidecars"
+) -> Sidecar:
     """The sidecar feeding ``modality`` for privileged source ``source``.
 
     ``train.latent_sets[modality]`` names the set; without it, the one set whose
     generator has this modality and the source's mode (``generate`` for latent
     and decoded, ``encode`` for real) is used, e.g. ``latents/latent-diffusion-depth``
-    for ``latent`` and ``latents/tae-depth`` for ``real``.
+    for ``latent`` and ``latents/tae-depth`` for ``real``. With ``source=decoded``
+    and ``decoded_from=latents`` that is the latent set (the one ``latent`` reads),
+    decoded on the fly (:func:`_on_the_fly_sidecar`); other sources ignore ``decoded_from``.
     """
-    kind = "decoded" if source == "decoded" else "latent"
+    on_the_fly = source == "decoded" and decoded_from == "latents"
+    kind = "decoded" if source == "decoded" and not on_the_fly else "latent"
     kind_dir = "decoded" if kind == "decoded" else "latents"
     directory = root / kind_dir / set_name if set_name else _find_set(root, kind_dir, modality, source)
     manifest = Manifest.read(directory)
     if manifest.kind != kind:
-        raise UserError(f"{directory} is a {manifest.kind} set, train.source={source} needs a {kind} set")
+        how = " (decoded_from=latents decodes a latent set)" if on_the_fly else ""
+        raise UserError(
+            f"{directory} is a {manifest.kind} set, train.source={source} needs a {kind} set{how}"
+        )
+    if on_the_fly:
+        return _on_the_fly_sidecar(directory, modality, manifest)
     spec = dict(manifest.latent_spec or {})
     if kind == "decoded":
-        spec = {"shape": list((manifest.extra or {}).get("shape") or spec.get("decoded_shape") or [])}
+        # stage one decodes each of a generate set's S samples: a decoded sample is S×(signal);
+        # one of the S is drawn per sample and epoch, as for the latent source (same rng)
+        samples = int(spec.get("samples_per_input", 1) or 1)
+        shape = list((manifest.extra or {}).get("shape") or spec.get("decoded_shape") or [])
+        if samples > 1 and shape:
+            if shape[0] != samples:
+                raise UserError(
+                    f"{directory}/manifest.json: decoded shape {shape} does not start with its "
+                    f"{samples} samples per input"
+                )
+            shape = shape[1:]
+        spec = {"shape": shape, "samples_per_input": samples}
     elif not spec.get("shape"):
         raise UserError(f"{directory}/manifest.json has no latent_spec.shape")
     mean = std = None
@@ -210,6 +351,7 @@ def resolve_data(cfg) -> DataSpec:
     train = cfg.train
     if train.source not in SOURCES:
         raise UserError(f"unknown train.source {train.source!r}; valid: {', '.join(SOURCES)}")
+    check_decoded_from(train)
     root = Path(train.shards) / cfg.dataset
     source_dir = root / "source"
     if not (source_dir / "manifest.json").is_file():
@@ -227,7 +369,7 @@ def resolve_data(cfg) -> DataSpec:
             raise UserError(f"train.latent_sets names {unknown[0]}, which is not in train.modalities")
         for modality in train.modalities:
             sidecars[modality] = resolve_sidecar(
-                root, modality, train.source, train.latent_sets.get(modality)
+                root, modality, train.source, train.latent_sets.get(modality), train.decoded_from
             )
     probed = 0
     needs_probe = train.image_size <= 0 and not extra.get("image_size")
@@ -237,7 +379,9 @@ def resolve_data(cfg) -> DataSpec:
         for m, s in list(sidecars.items()):
             if s.kind == "decoded" and not s.spec.get("shape"):
                 shape = list(decode_npy(sample[s.field]).shape)
-                sidecars[m] = Sidecar(m, s.directory, s.kind, {"shape": shape}, s.mean, s.std)
+                if s.samples_per_input > 1:  # S×(signal), one drawn per sample
+                    shape = shape[1:]
+                sidecars[m] = dataclasses.replace(s, spec={**s.spec, "shape": shape})
         probed = min(decode_rgb(sample[image_field(sample)]).shape[1:])
     recorded = extra.get("image_size")
     if isinstance(recorded, list | tuple):  # [H, W] as the scenes renderer records it
@@ -342,7 +486,12 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 
 
 class SampleDecoder:
-    """Raw merged sample (``field -> bytes``) → tensors; bad samples raise SchemaError."""
+    """Raw merged sample (``field -> bytes``) → tensors; bad samples raise SchemaError.
+
+    A sidecar decoded on the fly gives its raw latent (as stored, in float32 or
+    int64 for codes, S drawn, not standardised) under ``raw_latents``; the
+    loader decodes it after batching (:class:`OnTheFlyDecoder`).
+    """
 
     def __init__(self, sidecars: dict[str, Sidecar], image_size: int, augment: bool, seed: int):
         self.sidecars = sidecars
@@ -387,7 +536,7 @@ class SampleDecoder:
                 rgb = self.transform(image)
         else:
             rgb = self.transform(image)
-        latents, decoded, present = {}, {}, {}
+        latents, decoded, raw_latents, present = {}, {}, {}, {}
         for m, sidecar in self.sidecars.items():
             if sidecar.field not in raw:
                 raise SchemaError(f"sample {key!r}: no {sidecar.field} in {sidecar.directory.name}")
@@ -395,16 +544,19 @@ class SampleDecoder:
             # modality is then missing for this sample (the teacher puts its null tokens there)
             present[m] = f"{m}.flag.txt" not in raw
             array = decode_npy(raw[sidecar.field], finite=True)
-            shape = tuple(sidecar.spec["shape"])
-            if sidecar.kind == "latent" and sidecar.samples_per_input > 1:
+            shape = sidecar.stored_shape
+            if sidecar.samples_per_input > 1:  # latent, decoded or to decode: one of the S drawn
                 if array.ndim != len(shape) + 1:
-                    raise SchemaError(f"sample {key!r}: {m} latent {array.shape} lacks the S dimension")
+                    raise SchemaError(f"sample {key!r}: {m} sample {array.shape} lacks the S dimension")
                 array = array[int(rng.integers(array.shape[0]))]
             if shape and tuple(array.shape) != shape:
                 raise SchemaError(
                     f"sample {key!r}: {m} has shape {list(array.shape)}, the manifest says {list(shape)}"
                 )
-            if sidecar.kind == "decoded":
+            if sidecar.on_the_fly:  # decoded after batching, in the main process
+                dtype = np.int64 if array.dtype.kind in "iu" else np.float32
+                raw_latents[m] = torch.from_numpy(np.array(array, dtype=dtype))
+            elif sidecar.kind == "decoded":
                 decoded[m] = torch.from_numpy(np.array(array, dtype=np.float32))
             elif sidecar.spec.get("kind") == "codes":
                 latents[m] = torch.from_numpy(np.array(array, dtype=np.int64))
@@ -418,6 +570,7 @@ class SampleDecoder:
             "label": label,
             "latents": latents,
             "decoded": decoded,
+            RAW_LATENTS: raw_latents,
             "present": present,
         }
 
@@ -433,11 +586,61 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if samples[0]["decoded"]:
         batch["decoded"] = {m: torch.stack([s["decoded"][m] for s in samples]) for m in samples[0]["decoded"]}
+    if samples[0].get(RAW_LATENTS):  # decoded on the fly by the loader (OnTheFlyDecoder), then dropped
+        batch[RAW_LATENTS] = {
+            m: torch.stack([s[RAW_LATENTS][m] for s in samples]) for m in samples[0][RAW_LATENTS]
+        }
     if samples[0]["present"]:
         batch["present"] = {
             m: torch.tensor([s["present"][m] for s in samples]) for m in samples[0]["present"]
         }
     return batch
+
+
+class OnTheFlyDecoder:
+    """``train.decoded_from=latents``: a collated batch's raw latents → ``batch["decoded"]``.
+
+    Runs in the main process (DataLoader workers only read and decode RGB and
+    latents). Each modality's generator is built on first use, once per
+    decoder (so once per loader), frozen and in eval mode on ``device`` with the
+    precision stage one recorded; a batch is decoded in one call per modality
+    under ``torch.inference_mode``, to float32 (B, *shape) on the CPU, rows of
+    flagged samples (``present`` False) set to zeros as in stage one's decoded
+    sets. ``seconds`` sums the time spent here.
+    """
+
+    def __init__(self, sidecars: dict[str, Sidecar], device: str | torch.device | None = None):
+        self.sidecars = {m: s for m, s in sidecars.items() if s.on_the_fly}
+        self.device = torch.device(device if device is not None else "cpu")
+        self.generators: dict[str, Generator] = {}
+        self.seconds = 0.0
+
+    def generator(self, modality: str) -> Generator:
+        if modality not in self.generators:
+            sidecar = self.sidecars[modality]
+            self.generators[modality] = build_decoder(
+                sidecar.generator, self.device, sidecar.spec.get("precision", "fp32")
+            )
+        return self.generators[modality]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        raw = batch.pop(RAW_LATENTS)
+        decoded = dict(batch.get("decoded") or {})
+        for m, sidecar in self.sidecars.items():
+            signal = decode_latents(self.generator(m), raw[m])
+            if tuple(signal.shape[1:]) != tuple(sidecar.spec["shape"]):
+                raise UserError(
+                    f"{m}: the generator decoded a batch to {list(signal.shape[1:])}, "
+                    f"not the {sidecar.spec['shape']} found when the data was resolved"
+                )
+            present = (batch.get("present") or {}).get(m)
+            if present is not None and not bool(present.all()):
+                signal[~present] = 0.0
+            decoded[m] = signal
+        batch["decoded"] = decoded
+        self.seconds += time.perf_counter() - start
+        return batch
 
 
 # ----------------------------------------------------------------------------- dataset and loader
@@ -520,6 +723,9 @@ class ShardLoader:
     With ``pad`` (training), a batch left short by skipped bad samples is filled
     by repeating good ones (counted in ``padded``) so every rank still takes
     ``steps_per_epoch`` steps; without it (evaluation), nothing is repeated.
+    With sidecars decoded on the fly (``train.decoded_from=latents``), each batch
+    yielded is decoded on ``device`` first (:class:`OnTheFlyDecoder`; batches
+    skipped on resume are not), its seconds summed in :attr:`decode_s`.
     """
 
     def __init__(
@@ -529,6 +735,7 @@ class ShardLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         pad: bool = True,
+        device: str | torch.device | None = None,
     ):
         if batch_size < 1:
             raise UserError("train.batch_size must be at least 1")
@@ -538,6 +745,17 @@ class ShardLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.padded = 0
+        decoder = OnTheFlyDecoder(stream.decoder.sidecars, device)
+        self.decoder = decoder if decoder.sidecars else None
+
+    @property
+    def decode_s(self) -> float:
+        """Seconds spent decoding latents on the fly so far (0 when nothing is decoded here)."""
+        return self.decoder.seconds if self.decoder is not None else 0.0
+
+    def _batch(self, chunk: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(chunk)
+        return self.decoder(batch) if self.decoder is not None else batch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -573,7 +791,7 @@ class ShardLoader:
                     break
             if len(chunk) < size and not self.pad:  # evaluation: no collectives per batch, nothing repeated
                 if chunk and step >= skip:
-                    yield collate(chunk)
+                    yield self._batch(chunk)
                 continue
             if len(chunk) < size:  # bad samples were skipped: repeat good ones, all ranks take `steps` steps
                 pool = chunk or last
@@ -589,16 +807,24 @@ class ShardLoader:
                 chunk = chunk + [pool[i % len(pool)] for i in range(size - len(chunk))]
             last = chunk
             if step >= skip:
-                yield collate(chunk)
+                yield self._batch(chunk)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
 
 def build_loader(
-    spec: DataSpec, split: str, train_cfg, *, rank: int = 0, world: int = 1, train: bool | None = None
+    spec: DataSpec,
+    split: str,
+    train_cfg,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    train: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> ShardLoader:
-    """The loader of ``split`` for one rank, configured from ``TrainConfig``."""
+    """The loader of ``split`` for one rank, configured from ``TrainConfig``; ``device`` is where
+    sidecars decoded on the fly are decoded (the CPU when None; batches come back on the CPU)."""
     is_train = split == "train" if train is None else train
     if spec.counts.get(split, 0) == 0:
         raise UserError(f"{spec.source_dir} has no {split} samples")
@@ -619,4 +845,5 @@ def build_loader(
         train_cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         pad=is_train,
+        device=device,
     )

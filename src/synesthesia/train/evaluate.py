@@ -158,7 +158,12 @@ def robustness_report(teacher: torch.nn.Module, objective, loader: ShardLoader, 
 
 
 def evaluate_model(cfg, path, split: str = "test") -> dict[str, Any]:
-    """Evaluate an exported student, a student run or a teacher run on ``split`` of ``cfg``'s dataset."""
+    """Evaluate an exported student, a student run or a teacher run on ``split`` of ``cfg``'s dataset.
+
+    A teacher of the decoded source reads decoded signals from where ``cfg.train.decoded_from``
+    says (stage one's decoded sidecars, or the latents decoded on the fly), whichever way it was
+    trained: both give it the same input spec.
+    """
     from pathlib import Path
 
     from accelerate import Accelerator
@@ -193,7 +198,12 @@ def evaluate_model(cfg, path, split: str = "test") -> dict[str, Any]:
     if not spec.counts.get(split):
         raise UserError(f"{spec.source_dir} has no {split} split")
     loader = build_loader(
-        spec, split, cfg.train, rank=accelerator.process_index, world=accelerator.num_processes
+        spec,
+        split,
+        cfg.train,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        device=accelerator.device,
     )
     model = model.to(accelerator.device).eval()
     if main == "all":

@@ -54,7 +54,11 @@ metrics.json also splits each training step's wall time (``timing``): waiting
 for the loader (``data_s``: reading shards, decoding images and sidecars),
 the frozen teacher's forward (``teacher_forward_s``, students only; with
 ``train.source=decoded`` this is where the decode-encode loop's encoder runs)
-and the rest of the step (``step_s``: forward, backward, optimizer).
+and the rest of the step (``step_s``: forward, backward, optimizer). With
+``train.decoded_from=latents`` the latents are decoded while the batch is
+fetched, on the accelerator's device: that time is inside ``data_s`` and also
+reported alone as ``decode_s`` (the decode-encode loop's decoder, paid at
+train time; the run is ``<stage or method>-decoded-latents-s<seed>``).
 """
 
 from __future__ import annotations
@@ -86,10 +90,18 @@ from synesthesia.train.checkpoint import (
     run_dir,
     save_method_state,
     save_weights,
+    source_tag,
     teacher_dir,
     teacher_objective,
 )
-from synesthesia.train.data import IMAGENET_MEAN, IMAGENET_STD, DataSpec, build_loader, resolve_data
+from synesthesia.train.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataSpec,
+    build_loader,
+    check_decoded_from,
+    resolve_data,
+)
 from synesthesia.train.evaluate import (
     evaluate,
     objective_predictors,
@@ -188,6 +200,7 @@ def check_config(cfg) -> None:
         raise UserError(f"unknown train.stage {t.stage!r}; valid: {', '.join(STAGES)}")
     if t.precision not in PRECISIONS:
         raise UserError(f"unknown train.precision {t.precision!r}; valid: {', '.join(PRECISIONS)}")
+    check_decoded_from(t)
     for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1")
@@ -233,6 +246,12 @@ def load_teacher(folder: Path, spec: DataSpec) -> nn.Module:
             f"teacher {folder} was trained on {sorted(have)} ({config.get('source')}); "
             f"this run's data gives {sorted(wanted)} ({spec.sidecars and next(iter(spec.sidecars.values())).kind})"
         )
+    for m, s in wanted.items():  # decoded signals: another decoder or resolution than the teacher's
+        if s["kind"] == "decoded" and list(have[m].get("shape") or []) != list(s["shape"]):
+            raise UserError(
+                f"teacher {folder} reads {m} decoded signals of shape {have[m].get('shape')}, "
+                f"this run's data gives {s['shape']}"
+            )
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -385,13 +404,13 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
         dataset=cfg.dataset,
     )
 
-    train_loader = build_loader(spec, "train", t, rank=rank, world=world)
+    # latents decoded on the fly (train.decoded_from=latents) are decoded on this process's device
+    where = {"rank": rank, "world": world, "device": accelerator.device}
+    train_loader = build_loader(spec, "train", t, **where)
     # a student is evaluated on RGB alone: its val/test read no sidecars
     eval_spec = spec if t.stage == "teacher" else dataclasses.replace(spec, sidecars={})
-    val_loader = build_loader(eval_spec, "val", t, rank=rank, world=world) if spec.counts.get("val") else None
-    test_loader = (
-        build_loader(eval_spec, "test", t, rank=rank, world=world) if spec.counts.get("test") else None
-    )
+    val_loader = build_loader(eval_spec, "val", t, **where) if spec.counts.get("val") else None
+    test_loader = build_loader(eval_spec, "test", t, **where) if spec.counts.get("test") else None
     steps_per_epoch = train_loader.steps_per_epoch
     updates_per_epoch = math.ceil(steps_per_epoch / t.grad_accum)
     total_updates = t.epochs * updates_per_epoch
@@ -554,11 +573,14 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
         objective.eval()
     steps_timed = max(timing.pop("micro_batches"), 1)
     timing["step_s"] -= timing["teacher_forward_s"]  # step_s: the student's or teacher's own step
+    if train_loader.decoder is not None:  # decoding on the fly: part of data_s, reported alone too
+        timing["decode_s"] = train_loader.decode_s
     metrics: dict[str, Any] = {
         "run": str(run),
         "stage": t.stage,
         "method": cfg.method.name if t.stage == "student" else teacher_objective(cfg),
         "source": t.source,
+        **({"decoded_from": t.decoded_from} if t.source == "decoded" else {}),
         "seed": t.seed,
         "modalities": list(spec.sidecars),
         "steps": state.step,
@@ -581,7 +603,7 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
         if t.stage == "teacher":
             metrics["test_missing"] = {name: r["accuracy"] for name, r in results.items()}
             metrics.update(robustness_report(model, objective, test_loader, accelerator, seed=t.seed))
-            plain = run.parent / f"teacher-{t.source}-s{t.seed}" / "metrics.json"
+            plain = run.parent / f"teacher-{source_tag(t)}-s{t.seed}" / "metrics.json"
             if objective is not None and plain.is_file():
                 metrics["robustness_plain_teacher"] = json.loads(plain.read_text()).get("robustness")
         accelerator.log({"test/accuracy": metrics["test"]["accuracy"]}, step=state.step)
