@@ -42,6 +42,10 @@ Here, as a teacher objective (``stage = "teacher"``):
     log(M+1), zero gradient once ψ cannot tell the modalities apart. Same
     equilibrium (ψ at chance), stable optimisation.
 
+  The default was chosen on val accuracy (pipelines/methods-scenes.yaml, seed
+  0, 20-epoch teachers): confusion 57.7 %, grl with the LayerNorm ψ and the
+  ramp 56.0 %, no adversary (``md_weight: 0``) 56.3 %, the plain teacher 54.3 %.
+
   γ = ``grl_scale`` [1] ramps up as in DANN (Ganin & Lempitsky 2015),
   γ_s = γ·(2/(1 + exp(−10·s/S)) − 1) over S = ``grl_ramp_steps`` [200]
   training batches (0: constant γ). With ``adversary_into_teacher`` [true] the
