@@ -10,6 +10,17 @@ from synesthesia.shards.schema import decoded_field, encode_json, encode_npy, la
 from synesthesia.shards.writer import Manifest, SplitWriter
 from synesthesia.sources.signals import encode_png
 
+# A teacher small enough for a few CPU steps on decoded 32×32 signals (and the micro student).
+TINY_DECODED_TEACHER = [
+    "train.epochs=1",
+    "train.warmup_steps=1",
+    "teacher.dim=16",
+    "teacher.depth=2",
+    "teacher.heads=2",
+    "teacher.tokens_per_modality=2",
+    "teacher.decoded_max_tokens=16",
+    "student.name=vit_micro_test",
+]
 COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 230]], dtype=np.uint8)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.stage2_shards import write_tiny_dataset
+from tests.stage2_shards import TINY_DECODED_TEACHER, write_tiny_dataset
 
 from stage_one_toy import ToyConv, make_source  # registers the toy-conv generator
 from synesthesia import UserError
@@ -173,17 +173,7 @@ def test_workers_give_the_same_decoded_batches(shards):
 
 
 def test_teacher_trains_on_the_fly_and_loads_either_way(shards, tmp_path):
-    common = [
-        "train.epochs=1",
-        "train.warmup_steps=1",
-        "train.batch_size=4",
-        "teacher.dim=16",
-        "teacher.depth=2",
-        "teacher.heads=2",
-        "teacher.tokens_per_modality=2",
-        "teacher.decoded_max_tokens=16",
-        "student.name=vit_micro_test",
-    ]
+    common = [*TINY_DECODED_TEACHER, "train.batch_size=4"]
     sidecars = config(shards, *common, set_name="toy-s1")
     latents = config(shards, *common, "train.decoded_from=latents", set_name="toy-s1")
     assert resolve_data(latents).teacher_modalities() == resolve_data(sidecars).teacher_modalities()

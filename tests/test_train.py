@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.stage2_shards import write_tiny_dataset
+from tests.stage2_shards import TINY_DECODED_TEACHER, write_tiny_dataset
 
 from synesthesia.cli import main
 from synesthesia.config import load_pipeline
@@ -227,14 +227,7 @@ def test_decoded_source_end_to_end(tmp_path):
         "train.source=decoded",
         "train.num_workers=0",
         "train.batch_size=4",
-        "train.epochs=1",
-        "train.warmup_steps=1",
-        "teacher.dim=16",
-        "teacher.depth=2",
-        "teacher.heads=2",
-        "teacher.tokens_per_modality=2",
-        "teacher.decoded_max_tokens=16",
-        "student.name=vit_micro_test",
+        *TINY_DECODED_TEACHER,
     ]
     teacher = train(load_pipeline(None, [*common, "train.stage=teacher"]), tmp_path / "runs")
     assert teacher["run"].endswith("teacher-decoded-s0") and teacher["source"] == "decoded"
