@@ -253,3 +253,20 @@ def test_demo_scale_pipeline_reuses_the_demo_and_fits_the_budget(tmp_path):
     assert plan.estimate_s <= 55 * 60
     full = load_pipeline(root / "ablation-scenes-full.yaml")
     assert len(Ablation(full, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).cells) >= 3 * 5
+
+
+def test_training_hash_reads_written_configs_as_this_version():
+    """A run written before a field existed is the same config when the field's default keeps the old
+    behaviour; a written field this version no longer has makes it unreadable (None), never equal."""
+    cfg = load_pipeline(None, ["train.source=decoded", "train.epochs=3"])
+    written = to_dict(cfg)
+    assert training_hash(written) == training_hash(cfg)
+    older = json.loads(json.dumps(written))
+    del older["train"]["decoded_from"]  # as written before train.decoded_from existed
+    assert training_hash(older) == training_hash(cfg)
+    older["train"]["epochs"] = 4
+    assert training_hash(older) != training_hash(cfg)
+    removed = json.loads(json.dumps(written))
+    removed["train"]["gone_option"] = 1
+    assert training_hash(removed) is None
+    assert training_hash(to_dict(PipelineConfig())) != training_hash(cfg)

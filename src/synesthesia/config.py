@@ -357,6 +357,16 @@ def config_hash(data: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def written_config(data: dict[str, Any]) -> PipelineConfig | None:
+    """A pipeline config as a run wrote it (its config.json ``config``), read by this version:
+    fields added since take their defaults, so a run stays the same config when a new option
+    keeps the old behaviour by default; None when it no longer reads (a field was removed)."""
+    try:
+        return build(PipelineConfig, dict(data))
+    except (UserError, TypeError, ValueError):
+        return None
+
+
 # ----------------------------------------------------------------------------- overrides
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from synesthesia.config import PipelineConfig, config_hash, replace, write_resolved
+from synesthesia.config import PipelineConfig, config_hash, replace, write_resolved, written_config
 from synesthesia.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,13 @@ def teacher_source(cfg: PipelineConfig) -> str:
 
 
 def _finished(run: Path, cfg: PipelineConfig) -> dict[str, Any] | None:
-    """A run's metrics when it finished under exactly ``cfg`` (its config.json hash), else None."""
+    """A run's metrics when it finished under exactly ``cfg`` (its config.json, read by this
+    version: :func:`~synesthesia.config.written_config`), else None."""
     path, written = run / "metrics.json", run / "config.json"
     if not path.is_file() or not written.is_file():
         return None
-    if json.loads(written.read_text()).get("config_hash") != config_hash(cfg):
+    ran = written_config(json.loads(written.read_text()).get("config") or {})
+    if ran is None or config_hash(ran) != config_hash(cfg):
         return None
     metrics = json.loads(path.read_text())
     return metrics if (metrics.get("test") or {}).get("accuracy") is not None else None

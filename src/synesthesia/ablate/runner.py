@@ -49,7 +49,15 @@ from typing import Any
 
 from synesthesia import UserError
 from synesthesia.ablate.grid import SOURCES, Cell, append_row, expand, read_results, teacher_sources
-from synesthesia.config import GeneratorConfig, MethodConfig, PipelineConfig, config_hash, replace, to_dict
+from synesthesia.config import (
+    GeneratorConfig,
+    MethodConfig,
+    PipelineConfig,
+    config_hash,
+    replace,
+    to_dict,
+    written_config,
+)
 from synesthesia.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -198,9 +206,17 @@ def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
     return out
 
 
-def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str:
-    """The config hash of what a training run depends on: everything but the ``ablate`` section."""
-    data = to_dict(cfg) if isinstance(cfg, PipelineConfig) else dict(cfg)
+def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
+    """The config hash of what a training run depends on: everything but the ``ablate`` section.
+
+    A written config (a dict) is read by this version first (fields added since take their
+    defaults: :func:`~synesthesia.config.written_config`); None when it no longer reads.
+    """
+    if not isinstance(cfg, PipelineConfig):
+        cfg = written_config(cfg)
+        if cfg is None:
+            return None
+    data = to_dict(cfg)
     data.pop("ablate", None)
     return config_hash(data)
 
