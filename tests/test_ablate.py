@@ -79,6 +79,14 @@ def test_aggregate_mean_std_and_gap_closed():
     assert math.isnan(summary[("ce", "none")]["gap_closed"])
 
 
+def test_aggregate_reports_in_grid_order_whatever_order_cells_ran():
+    """A resumed ablation that re-ran one source appends its rows last; the table keeps the grid's order."""
+    rows = fake_rows()
+    late = [{**r, "source": "decoded"} for r in rows if r["method"] == "kd"]  # re-run, appended last
+    order = [(r["method"], r["source"]) for r in aggregate([*rows, *late])]
+    assert order == [("ce", "none"), ("kd", "decoded"), ("kd", "latent"), ("messy", "latent")]
+
+
 def test_summary_bolds_best_per_source_and_lists_commands(tmp_path):
     text = summary_markdown(aggregate(fake_rows()), "t")
     assert "| messy | latent | 3 | **60.00 ± 2.00**" in text

@@ -35,6 +35,9 @@ def _mean(members: list[dict[str, Any]], key: str, default: float | None = 0.0) 
     return _mean_std([_num(r.get(key, default)) for r in members])[0]
 
 
+SOURCE_ORDER = ("none", "decoded", "latent", "real")  # the default ablate.sources: cheapest evidence first
+
+
 def cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The grid cells' rows (KD tuning runs, ``role: tune``, are reported apart)."""
     return [r for r in rows if r.get("role", "cell") == "cell"]
@@ -48,11 +51,20 @@ def total_seconds(row: dict[str, Any]) -> float:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary row per (method, source), in first-seen order."""
+    """One summary row per (method, source): methods in first-seen order, each method's sources
+    in the grid's order (none, decoded, latent, real), whatever order the cells ran in."""
     rows = cells(rows)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["method"], row["source"])].append(row)
+    method_rank = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+
+    def grid_order(key: tuple[str, str]) -> tuple[int, int, str]:
+        method, source = key
+        rank = SOURCE_ORDER.index(source) if source in SOURCE_ORDER else len(SOURCE_ORDER)
+        return method_rank[method], rank, source
+
+    groups = dict(sorted(groups.items(), key=lambda item: grid_order(item[0])))
     baseline = [r["test_acc"] for r in rows if r["method"] == "ce" and r["source"] == "none"]
     base_mean = _mean_std(baseline)[0]
     out = []
