@@ -10,6 +10,21 @@ from synesthesia.shards.schema import decoded_field, encode_json, encode_npy, la
 from synesthesia.shards.writer import Manifest, SplitWriter
 from synesthesia.sources.signals import encode_png
 
+# The tiny dataset's stage-two overrides: a 2-block teacher and the micro student, a few CPU steps.
+TINY_TRAIN = [
+    "dataset=tiny",
+    "train.modalities=[depth, audio]",
+    "train.num_workers=0",
+    "train.batch_size=4",
+    "train.warmup_steps=1",
+    "train.lr=0.003",
+    "teacher.dim=16",
+    "teacher.depth=2",
+    "teacher.heads=2",
+    "teacher.tokens_per_modality=2",
+    "student.name=vit_micro_test",
+]
+
 # A teacher small enough for a few CPU steps on decoded 32×32 signals (and the micro student).
 TINY_DECODED_TEACHER = [
     "train.epochs=1",

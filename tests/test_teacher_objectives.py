@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from tests.stage2_shards import write_tiny_dataset
+from tests.stage2_shards import TINY_TRAIN, write_tiny_dataset
 
 from synesthesia import UserError
 from synesthesia.cli import main
@@ -26,21 +26,7 @@ from synesthesia.train import run_dir, teacher_dir, train
 from synesthesia.train.data import resolve_data
 from synesthesia.train.loop import load_teacher, load_teacher_objective
 
-TINY = [
-    "dataset=tiny",
-    "train.modalities=[depth, audio]",
-    "train.num_workers=0",
-    "train.batch_size=4",
-    "train.warmup_steps=1",
-    "train.lr=0.003",
-    "train.epochs=1",
-    "train.log_with=jsonl",
-    "teacher.dim=16",
-    "teacher.depth=2",
-    "teacher.heads=2",
-    "teacher.tokens_per_modality=2",
-    "student.name=vit_micro_test",
-]
+TINY = [*TINY_TRAIN, "train.epochs=1", "train.log_with=jsonl"]
 CONDITIONS = {
     "full",
     "removed/all",

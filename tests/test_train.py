@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.stage2_shards import TINY_DECODED_TEACHER, write_tiny_dataset
+from tests.stage2_shards import TINY_DECODED_TEACHER, TINY_TRAIN, write_tiny_dataset
 
 from synesthesia.cli import main
 from synesthesia.config import load_pipeline
@@ -21,19 +21,7 @@ from synesthesia.models.teacher import MultimodalTeacher
 from synesthesia.train import load_student, run_dir, train
 from synesthesia.train.loop import state_digest
 
-TINY = [
-    "dataset=tiny",
-    "train.modalities=[depth, audio]",
-    "train.num_workers=0",
-    "train.batch_size=4",
-    "train.warmup_steps=1",
-    "train.lr=0.003",
-    "teacher.dim=16",
-    "teacher.depth=2",
-    "teacher.heads=2",
-    "teacher.tokens_per_modality=2",
-    "student.name=vit_micro_test",
-]
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
