@@ -38,7 +38,7 @@ that DLA removes) comes from where ``train.decoded_from`` says:
   (not standardised) latent, one of its ``S`` samples drawn exactly as for the
   latent source; in the main process, after :func:`collate`,
   :class:`OnTheFlyDecoder` decodes the batch with the set's own generator
-  (rebuilt from its manifest's ``config.generator``; built once per loader,
+  (rebuilt from its manifest's ``config.generator``; built once per process,
   frozen, eval mode, ``torch.inference_mode``, the autocast precision stage one
   recorded) into ``batch["decoded"]`` and drops the raw latents. Flagged samples
   get zeros, as in the decoded sidecars. The decode runs on the loader's
@@ -56,6 +56,8 @@ none), so it can be set once for a whole ablation grid or ``synesthesia eval``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import math
 import random
@@ -235,11 +237,19 @@ def build_decoder(
     gen: dict[str, Any], device: str | torch.device = "cpu", precision: str = "fp32"
 ) -> Generator:
     """The generator of a latent set's manifest (``config.generator``), frozen and in eval mode on
-    ``device`` with ``precision`` autocast (fp32 on the CPU), to decode its latents."""
+    ``device`` with ``precision`` autocast (fp32 on the CPU), to decode its latents.
+
+    Built once per process for each (config, device, precision): resolving the data and each
+    loader (train, val, test) share it, as decoding never changes it."""
+    return _cached_decoder(json.dumps(gen, sort_keys=True), str(torch.device(device)), precision)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_decoder(gen_json: str, device: str, precision: str) -> Generator:
     from synesthesia.config import GeneratorConfig, build
     from synesthesia.stage_one import build_generator
 
-    generator = build_generator(build(GeneratorConfig, dict(gen), "generator"))
+    generator = build_generator(build(GeneratorConfig, json.loads(gen_json), "generator"))
     return generator.setup(device, precision)
 
 
@@ -601,8 +611,8 @@ class OnTheFlyDecoder:
     """``train.decoded_from=latents``: a collated batch's raw latents → ``batch["decoded"]``.
 
     Runs in the main process (DataLoader workers only read and decode RGB and
-    latents). Each modality's generator is built on first use, once per
-    decoder (so once per loader), frozen and in eval mode on ``device`` with the
+    latents). Each modality's generator is taken on first use from
+    :func:`build_decoder` (built once per process), frozen and in eval mode on ``device`` with the
     precision stage one recorded; a batch is decoded in one call per modality
     under ``torch.inference_mode``, to float32 (B, *shape) on the CPU, rows of
     flagged samples (``present`` False) set to zeros as in stage one's decoded
