@@ -87,18 +87,56 @@ def test_aggregate_reports_in_grid_order_whatever_order_cells_ran():
     assert order == [("ce", "none"), ("kd", "decoded"), ("kd", "latent"), ("messy", "latent")]
 
 
-def test_summary_bolds_best_per_source_and_lists_commands(tmp_path):
-    text = summary_markdown(aggregate(fake_rows()), "t")
-    assert "| messy | latent | 3 | **60.00 ± 2.00**" in text
-    assert "| kd | latent | 3 | 56.00" in text
+def test_summary_gives_intervals_and_lists_commands(tmp_path):
+    text = summary_markdown(aggregate(fake_rows()), "t", fake_rows())
+    # mean 60, std 2 over 3 seeds: half-width t_{0.975,2} · 2 / √3 = 4.97
+    assert "| messy | latent | 3 | 60.00 [55.03, 64.97] | 2.00 |" in text
+    assert "| kd | latent | 3 | 56.00 [53.52, 58.48] | 1.00 |" in text
     assert "`cmd 0`" in text
+    assert "test samples" not in text  # the rows do not say how many
     path = write_summary(tmp_path, fake_rows(), "t")
     assert path.read_text() == text
 
 
+def test_summary_paired_differences_noisy_method_is_not_distinguishable():
+    """messy − kd per seed: +5, +1, +6 points: +4.00 [−2.57, +10.57], which contains 0."""
+    text = summary_markdown(aggregate(fake_rows()), "t")
+    assert "## Paired differences (95 % interval over seeds)" in text and "paired" in text
+    assert "| messy | latent | tuned kd | +4.00 [−2.57, +10.57] | 3 | not distinguishable |" in text
+    assert "| messy | latent | ce (none) | +10.00 [+0.06, +19.94] | 3 | messy better |" in text
+    assert "| kd | latent | ce (none) | +6.00 [+1.70, +10.30] | 3 | kd better |" in text
+    assert "| kd | latent | tuned kd |" not in text  # kd against itself is skipped
+    assert "**" not in text  # the best at latent is not distinguishable from the runner-up
+    assert "so no cell of this source is in bold" in text
+
+
+def test_summary_bolds_best_only_when_distinguishable_from_runner_up():
+    rows = [
+        {**r, "test_acc": r["test_acc"] + 0.10} if r["method"] == "messy" else r for r in fake_rows()
+    ]  # messy − kd per seed: +15, +11, +16 points
+    text = summary_markdown(aggregate(rows), "t")
+    assert "| messy | latent | 3 | **70.00 [65.03, 74.97]** |" in text
+    assert "| messy | latent | tuned kd | +14.00 [+7.43, +20.57] | 3 | messy better |" in text
+    assert "messy better, in bold" in text
+
+
+def test_summary_one_shared_seed_has_no_interval():
+    rows = [r for r in fake_rows() if r["seed"] == 0 or r["method"] == "ce"]
+    text = summary_markdown(aggregate(rows), "t")
+    assert "| kd | latent | ce (none) | +5.00 [no interval: 1 seed] | 1 | not distinguishable |" in text
+    assert "| kd | latent | 1 | 55.00 [–, –] |" in text
+
+
+def test_summary_states_test_set_size_when_rows_carry_it():
+    rows = [{**r, "test_n": 100} for r in fake_rows()]
+    text = summary_markdown(aggregate(rows), "t")
+    # one run at 50 % on 100 samples: Wilson [40.38, 59.62], ±9.62 points
+    assert "tested on 100 test samples" in text and "±9.62 points" in text
+
+
 def test_plots_are_written(tmp_path):
     paths = write_plots(tmp_path, fake_rows())
-    assert [p.name for p in paths] == ["accuracy.png", "cost.png", "messy_layers.png"]
+    assert [p.name for p in paths] == ["accuracy.png", "cost.png", "paired.png", "messy_layers.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps([str(p) for p in paths])

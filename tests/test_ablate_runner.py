@@ -33,7 +33,7 @@ def tiny_pipeline(tmp_path: Path, **ablate) -> tuple[PipelineConfig, str]:
             "batch_size": 8,
             "warmup_steps": 1,
             "num_workers": 0,
-            "augment": False,
+            "augment": "none",
             "device": "cpu",
         },
         "ablate": {

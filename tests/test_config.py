@@ -9,7 +9,9 @@ from synesthesia.config import (
     config_hash,
     load_pipeline,
     replace,
+    to_dict,
     write_resolved,
+    written_config,
 )
 
 
@@ -39,7 +41,7 @@ def test_nested_lists_of_dataclasses_and_overrides(tmp_path):
         ("trian: {}\n", [], "unknown key trian"),
         ("train: {lrr: 1}\n", [], "valid keys of train"),
         ("", ["train.epochs=abc"], "expected an integer"),
-        ("", ["train.augment=3"], "expected true or false"),
+        ("", ["train.augment=3"], "expected a string"),
         ("", ["train.lr"], "key.sub=value"),
         ("- a\n", [], "mapping"),
         ("shard: {generators: []}\n", ["shard.generators.2.name=x"], "not an index"),
@@ -55,6 +57,19 @@ def test_hash_is_stable_and_sensitive():
     a = PipelineConfig()
     assert config_hash(a) == config_hash(PipelineConfig())
     assert config_hash(a) != config_hash(replace(a, ["train.lr=0.1"]))
+
+
+def test_legacy_bool_augment_still_reads():
+    """``train.augment`` was a bool: a run's written config with one still reads (train/data.py
+    takes true as rgb, false as none) and hashes unlike the new default, aligned."""
+    written = to_dict(PipelineConfig())
+    written["train"]["augment"] = True
+    ran = written_config(written)
+    assert ran is not None and ran.train.augment is True
+    assert config_hash(ran) != config_hash(PipelineConfig())
+    assert PipelineConfig().train.augment == "aligned"
+    assert load_pipeline(None, ["train.augment=false"]).train.augment is False
+    assert load_pipeline(None, ["train.augment=rgb"]).train.augment == "rgb"
 
 
 def test_write_resolved(tmp_path):

@@ -64,6 +64,8 @@ def test_resolve_data_finds_sets_and_stats(shards):
     assert spec.teacher_modalities()["depth"] == {"kind": "spatial", "shape": [4, 4, 4]}
     with pytest.raises(UserError, match="no latents sidecar set for lidar"):
         resolve_data(config(shards, "train.modalities=[lidar]"))
+    with pytest.raises(UserError, match="train.augment 'sideways'; valid: aligned, rgb, none"):
+        resolve_data(config(shards, "train.augment=sideways"))
     with pytest.raises(UserError, match="no source shards"):
         resolve_data(config(shards, "dataset=nothing"))
     with pytest.raises(UserError, match="only 1 modality|not in train.modalities"):
@@ -110,6 +112,9 @@ def test_batch_contents_standardised_and_augmented(shards):
     assert batch["label"].dtype == torch.long and batch["label"].shape == (23,)
     depth = batch["latents"]["depth"]
     assert depth.shape == (23, 4, 4, 4)
+    # each sample's crop box and flip (train.augment=aligned, the default: depth was cropped alike)
+    geometry = batch["geometry"]
+    assert geometry.shape == (23, 5) and 0 < geometry[:, 4].sum() < 23 and (geometry[:, 2:4] < 1).any()
     # standardised with the train split's channel stats: about zero mean and unit std per channel
     assert depth.mean(dim=(0, 2, 3)).abs().max() < 0.3
     assert (depth.std(dim=(0, 2, 3)) - 1).abs().max() < 0.3
@@ -119,8 +124,9 @@ def test_batch_contents_standardised_and_augmented(shards):
     other = again["latents"]["depth"][[order[k] for k in batch["keys"]]]
     assert not torch.equal(other, depth)
     # eval: no augmentation, so two epochs give the same images
-    val = [list(build_loader(spec, "val", cfg.train).epoch(e))[0]["rgb"] for e in (0, 1)]
-    assert torch.equal(*val)
+    val = [list(build_loader(spec, "val", cfg.train).epoch(e))[0] for e in (0, 1)]
+    assert torch.equal(val[0]["rgb"], val[1]["rgb"])
+    assert val[0]["geometry"].tolist() == [[0.0, 0.0, 1.0, 1.0, 0.0]] * len(val[0]["keys"])
 
 
 def test_workers_cover_the_same_keys(shards):
@@ -176,7 +182,7 @@ def test_flagged_latent_is_marked_missing(tmp_path):
     root = write_tiny_dataset(tmp_path, counts={"train": 4, "val": 2}, shard_size=4)
     shard = root / "tiny" / "latents" / "gen-depth" / "train-000000.tar"
     rewrite_member(shard, "train_00002.depth.flag.txt", b"bad_input", after="train_00002.depth.latent.npy")
-    cfg = config(root, "train.batch_size=4", "train.augment=false")
+    cfg = config(root, "train.batch_size=4", "train.augment=none")
     (batch,) = list(build_loader(resolve_data(cfg), "train", cfg.train).epoch(0))
     flagged = batch["keys"].index("train_00002")
     assert batch["present"]["depth"].tolist() == [i != flagged for i in range(4)]

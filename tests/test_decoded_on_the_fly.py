@@ -5,8 +5,9 @@ generator twice over one tiny source set: ``toy-s2`` (two samples per input, one
 key's latent NaN, hence flagged) and ``toy-s1`` (one sample per input). Decoding
 on the fly must give what stage one wrote to ``decoded/<set>/``, key by key and
 for the drawn sample. With S > 1 both ways draw one of the S per sample and
-epoch, as the latent source does, so they give the same batches and a teacher
-trained one way loads the other way.
+epoch, as the latent source does, and with ``train.augment=aligned`` (the
+default) both crop and flip the signal as the sample's RGB was, so they give
+the same batches and a teacher trained one way loads the other way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from synesthesia.shards.schema import decode_npy
 from synesthesia.shards.writer import Manifest
 from synesthesia.stage_one import run_stage_one
 from synesthesia.train import default_run_name, teacher_dir, train
-from synesthesia.train.data import _rng, build_loader, resolve_data
+from synesthesia.train.data import _rng, apply_geometry, build_loader, resolve_data
 from synesthesia.train.evaluate import evaluate_model
 from synesthesia.train.loop import load_teacher
 
@@ -108,7 +109,7 @@ def test_on_the_fly_equals_stage_one_decoded_set(shards):
         for epoch in (0, 1):
             loader = build_loader(spec, split, cfg.train)
             calls = ToyConv.decode_calls
-            seen, indices = 0, set()
+            seen, indices, moved = 0, set(), 0
             for batch in loader.epoch(epoch):
                 assert "raw_latents" not in batch and batch["latents"] == {}
                 decoded = batch["decoded"]["depth"]
@@ -122,11 +123,16 @@ def test_on_the_fly_equals_stage_one_decoded_set(shards):
                     assert batch["present"]["depth"][row]
                     s = drawn(key, cfg.train.seed, epoch, augment, 2)
                     indices.add(s)
+                    # the stored decoding, cropped and flipped as this sample's RGB (train.augment=aligned)
+                    geometry = batch["geometry"][row : row + 1]
+                    moved += int(not torch.equal(geometry, torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]])))
+                    want = apply_geometry(torch.from_numpy(expected[key]), geometry.expand(2, 5)).numpy()
                     # fp16 latents decoded in fp32 either way: equal up to float rounding
-                    np.testing.assert_allclose(decoded[row].numpy(), expected[key][s], rtol=1e-4, atol=1e-4)
+                    np.testing.assert_allclose(decoded[row].numpy(), want[s], rtol=1e-4, atol=1e-4)
                     # the other sample differs: a wrong draw would fail the comparison above
-                    assert np.abs(expected[key][1 - s] - expected[key][s]).max() > 1e-2
+                    assert np.abs(want[1 - s] - want[s]).max() > 1e-2
             assert seen == spec.counts[split] and indices == {0, 1}
+            assert moved > 0 if augment else moved == 0  # eval on square images: exactly as stored
             # one decode call per batch, the generator built once for the loader
             assert ToyConv.decode_calls - calls == loader.steps_per_epoch
             assert list(loader.decoder.generators) == ["depth"] and loader.decode_s > 0
@@ -141,15 +147,19 @@ def test_decoded_sidecars_draw_one_of_the_samples_like_on_the_fly(shards):
     assert side.teacher_modalities() == resolve_data(fly_cfg).teacher_modalities()
     assert side.teacher_modalities() == {"depth": {"kind": "decoded", "shape": [32, 32]}}
 
-    def by_key(cfg) -> dict[str, torch.Tensor]:
-        rows = {}
+    def by_key(cfg) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        rows, geometry = {}, {}
         for batch in build_loader(resolve_data(cfg), "train", cfg.train).epoch(2):
             assert batch["decoded"]["depth"].shape[1:] == (32, 32)
             rows.update(zip(batch["keys"], batch["decoded"]["depth"], strict=True))
-        return rows
+            geometry.update(zip(batch["keys"], batch["geometry"], strict=True))
+        return rows, geometry
 
-    from_sidecars, on_the_fly = by_key(sidecar_cfg), by_key(fly_cfg)
+    # cropped and flipped alike: in the workers (sidecars) and after decoding the batch (on the fly)
+    (from_sidecars, boxes), (on_the_fly, fly_boxes) = by_key(sidecar_cfg), by_key(fly_cfg)
     assert sorted(from_sidecars) == sorted(on_the_fly)
+    assert all(torch.equal(boxes[k], fly_boxes[k]) for k in boxes)
+    assert any(g[4] == 1 for g in boxes.values()) and any((g[2:4] < 1).any() for g in boxes.values())
     for key in from_sidecars:
         if key != FLAGGED:  # flagged: the sidecar holds the decoded zero latent, on the fly gives zeros
             torch.testing.assert_close(from_sidecars[key], on_the_fly[key], rtol=1e-4, atol=1e-4)

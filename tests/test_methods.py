@@ -115,7 +115,9 @@ def test_named_terms():
     _, student, method, terms = run_method(MethodConfig(name="messy"))
     layers = method.student_layers()
     assert layers == [student.depth - 3, student.depth - 2, student.depth - 1]
-    expected = {"loss", "ce", "kd", "messy"} | {f"messy/l{i}/{m}" for i in layers for m in ("depth", "audio")}
+    expected = {"loss", "ce", "kd", "messy"} | {
+        f"{term}/l{i}/{m}" for term in ("messy", "messy_r2") for i in layers for m in ("depth", "audio")
+    }
     assert set(terms) == expected
     assert len(method.heads) == len(layers) * 2
     total = sum(terms[f"messy/l{i}/{m}"] for i in layers for m in ("depth", "audio"))
@@ -288,3 +290,20 @@ def test_messy_under_bf16_autocast(device):
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
     assert all(p.grad is not None for p in method.parameters())
+
+
+def test_messy_batch_r2():
+    from synesthesia.methods.base import masked_mse
+    from synesthesia.methods.messy import batch_r2
+
+    target = torch.randn(64, 8)
+    perfect = batch_r2(masked_mse(target, target), target, None)
+    mean = batch_r2(masked_mse(target.mean(0).expand_as(target), target), target, None)
+    noisy = target + 0.5 * torch.randn_like(target)
+    partial = batch_r2(masked_mse(noisy, target), target, None)
+    assert perfect.item() == pytest.approx(1.0) and mean.item() == pytest.approx(0.0, abs=1e-6)
+    assert 0.5 < partial.item() < 0.9
+    # masked samples count neither in the error nor in the spread
+    mask = torch.arange(64) < 32
+    garbage = torch.where(mask[:, None], target, torch.full_like(target, 100.0))
+    assert batch_r2(masked_mse(garbage, target, mask), target, mask).item() == pytest.approx(1.0)

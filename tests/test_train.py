@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 from tests.stage2_shards import TINY_DECODED_TEACHER, TINY_TRAIN, write_tiny_dataset
 
+from synesthesia import UserError
 from synesthesia.cli import main
 from synesthesia.config import load_pipeline
 from synesthesia.models.students import build_student
 from synesthesia.models.teacher import MultimodalTeacher
 from synesthesia.train import load_student, run_dir, train
-from synesthesia.train.loop import state_digest
+from synesthesia.train.loop import early_stop_due, state_digest
 
 TINY = TINY_TRAIN
 
@@ -230,3 +231,26 @@ def test_decoded_source_end_to_end(tmp_path):
         and timing["teacher_forward_s_per_step"] > 0
         and timing["step_s_per_step"] > 0
     )
+
+
+def test_early_stop_rule():
+    history = [{"epoch": e} for e in range(5)]
+    assert not early_stop_due(history, {"epoch": 4}, 2)
+    assert not early_stop_due(history, {"epoch": 3}, 2)
+    assert early_stop_due(history, {"epoch": 2}, 2)
+    assert not early_stop_due(history, {"epoch": 0}, 0)  # 0: never
+    assert not early_stop_due([], {}, 3)
+
+
+def test_early_stopping_on_val_keeps_the_best_and_resumes_no_further(shards, tmp_path):
+    # lr 0: val accuracy never beats epoch 0, so patience 2 ends the run after epoch 2 of 6
+    overrides = ["train.source=none", "train.epochs=6", "train.lr=0", "train.early_stop_patience=2"]
+    cfg = tiny(shards, "train.stage=student", "method.name=ce", *overrides)
+    metrics = train(cfg, tmp_path)
+    assert metrics["stopped_early"] and metrics["epochs_trained"] == 3 and len(metrics["history"]) == 3
+    assert metrics["best"]["epoch"] == 0 and metrics["epochs"] == 6
+    steps = metrics["steps"]
+    again = train(cfg, tmp_path, resume="latest")  # the stopped run is finished: nothing more is trained
+    assert again["steps"] == steps and again["stopped_early"]
+    with pytest.raises(UserError, match="early_stop_patience"):
+        train(tiny(shards, "train.early_stop_patience=-1"), tmp_path)

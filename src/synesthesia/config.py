@@ -200,7 +200,10 @@ class TrainConfig:
     decoded_from: str = "sidecars"  # sidecars | latents
     latent_sets: dict[str, str] = field(default_factory=dict)  # modality -> sidecar set name
     teacher: str | None = None  # path of a trained teacher run (student stage)
-    epochs: int = 10
+    epochs: int = 10  # the most epochs a run trains (the cosine schedule spans them)
+    # stop when val accuracy has not improved for this many epochs (0: never); the weights
+    # selected on val are the ones kept and tested either way
+    early_stop_patience: int = 0
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -213,7 +216,10 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     log_with: str = "jsonl"  # jsonl (local, <run>/logs) | tensorboard | wandb | ... | comma-separated | none
-    augment: bool = True
+    # train images: aligned (random crop + flip, the image-aligned privileged inputs cropped and
+    # flipped alike) | rgb (the RGB only) | none (the eval resize + centre crop); a legacy bool
+    # reads as rgb (true) or none (false). See train/data.py.
+    augment: str | bool = "aligned"
     seed: int = 0
     shards: str = "shards"  # shard root: reads <shards>/<dataset>/source and its sidecars
     image_size: int = 0  # 0: the source manifest's extra.image_size, else the first image's size

@@ -4,8 +4,11 @@ render (procedural scenes) → stage one (``tae`` latents of the real paired
 signals, plus DLA latents from the committed latent-diffusion generators when
 the pipeline configures them) → the multimodal teacher → the RGB-only students
 (``ce``, ``kd``, ``hallucination``, ``messy`` by default) → a table of RGB-only
-test accuracy per method with the teacher's accuracy and the command that
-reproduces each row, printed and written to ``<out>/<name>/summary.md``.
+test accuracy per method, each with its 95 % Wilson interval on the test set,
+the teacher's accuracy and the command that reproduces each row, printed and
+written to ``<out>/<name>/summary.md``. One seed per method: the table shows
+how uncertain each figure is, not which method is better (``synesthesia
+ablate`` runs seeds and compares methods paired by seed).
 
 Every step reuses what an earlier run left complete (a verified render, complete
 sidecar shards, finished training runs), so a second ``make demo`` is quick.
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from synesthesia.ablate.stats import wilson_interval
 from synesthesia.config import PipelineConfig, config_hash, replace, write_resolved, written_config
 from synesthesia.utils import atomic_write_text
 
@@ -69,21 +74,36 @@ def _accuracy(metrics: dict[str, Any], key: str) -> float:
     return float((metrics.get(key) or {}).get("accuracy", float("nan")))
 
 
+def _test_samples(metrics: dict[str, Any], manifest_count: int) -> int:
+    """How many test samples a run was evaluated on: metrics.json's count, else the source manifest's."""
+    return int((metrics.get("test") or {}).get("samples") or manifest_count)
+
+
+def _with_interval(accuracy: float, n: int) -> str:
+    """``62.50 [30.57, 86.32]``: the accuracy (%) and its 95 % Wilson interval on ``n`` test samples."""
+    if n < 1 or math.isnan(accuracy):  # no test set, or no accuracy
+        return f"{100 * accuracy:.2f}"
+    w = wilson_interval(accuracy, n)
+    return f"{100 * accuracy:.2f} [{100 * w.low:.2f}, {100 * w.high:.2f}]"
+
+
 def table(rows: list[dict[str, Any]], teacher: dict[str, Any], elapsed: float) -> str:
     lines = [
         f"# {teacher['pipeline']}: RGB-only students on the procedural scenes",
         "",
         f"Teacher (RGB + {', '.join(teacher['modalities'])}, privileged source `{teacher['source']}`): "
-        f"test {100 * teacher['test']:.2f} %, val {100 * teacher['val']:.2f} %.",
+        f"test {_with_interval(teacher['test'], teacher['test_n'])} %, val {100 * teacher['val']:.2f} %.",
         "Students see RGB only at test time. Model selection on val; test evaluated once.",
+        f"Test accuracy with its 95 % Wilson interval over the {teacher['test_n']} test samples. One seed per "
+        "method cannot rank methods: run `synesthesia ablate` for seeds and paired differences.",
         "",
-        "| method | test acc (%) | val acc (%) | train s | reproduce |",
+        "| method | test acc (%) [95 % interval] | val acc (%) | train s | reproduce |",
         "| --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {100 * row['test']:.2f} | {100 * row['val']:.2f} | {row['seconds']:.0f} | "
-            f"`{row['command']}` |"
+            f"| {row['method']} | {_with_interval(row['test'], row['test_n'])} | {100 * row['val']:.2f} | "
+            f"{row['seconds']:.0f} | `{row['command']}` |"
         )
     lines += ["", f"Teacher: `{teacher['command']}`", "", f"Whole demo: {elapsed / 60:.1f} min."]
     return "\n".join(lines) + "\n"
@@ -99,6 +119,7 @@ def run_demo(
     methods: tuple[str, ...] = DEFAULT_METHODS,
 ) -> Path:
     """Run the demo; returns the path of the written summary.md."""
+    from synesthesia.shards.writer import Manifest
     from synesthesia.sources.scenes import render_dataset
     from synesthesia.stage_one import run_stage_one
 
@@ -108,7 +129,8 @@ def run_demo(
     cfg = replace(cfg, base)
 
     logger.info("demo 1/4: render %s", cfg.dataset)
-    render_dataset(cfg, shards)
+    source_dir, _ = render_dataset(cfg, shards)
+    test_count = Manifest.read(source_dir).count("test")
     logger.info("demo 2/4: stage one (%d generators)", len(cfg.shard.generators))
     run_stage_one(cfg, shards)
 
@@ -124,6 +146,7 @@ def run_demo(
         "modalities": list(cfg.train.modalities),
         "test": _accuracy(t_metrics, "test"),
         "val": _accuracy(t_metrics, "best"),
+        "test_n": _test_samples(t_metrics, test_count),
         "seconds": time.perf_counter() - t0,
         "command": cmd,
     }
@@ -140,6 +163,7 @@ def run_demo(
                 "method": method,
                 "test": _accuracy(metrics, "test"),
                 "val": _accuracy(metrics, "best"),
+                "test_n": _test_samples(metrics, test_count),
                 "seconds": time.perf_counter() - t0,
                 "command": f"synesthesia train {pipeline_path} " + " ".join(over),
             }

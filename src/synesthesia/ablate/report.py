@@ -1,9 +1,17 @@
-"""The ablation report: mean ± std per (method, source), gap closed, cost, and plots.
+"""The ablation report: mean and 95 % interval per (method, source), paired differences, cost, plots.
 
 gap closed = (student − image-only) ÷ (teacher − image-only), with image-only
 the mean test accuracy of ``ce`` with no privileged data, and teacher the test
 accuracy of that source's teacher. Selection is always on val; the test figures
 come from one evaluation per cell at the end of its run.
+
+The cells of a grid share seeds, so methods are compared *paired by seed*
+(:func:`~synesthesia.ablate.stats.paired_difference`): every cell against ``ce``
+(source none) and against tuned ``kd`` at its own source. A ranking claim (the
+bold "best cell per source") is made only when the best cell's paired interval
+against the runner-up at that source excludes 0. Rows may carry ``test_n`` (the
+number of test samples a cell was evaluated on); the header then gives the
+binomial (Wilson) uncertainty of one run's test accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +21,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from synesthesia.ablate.stats import (
+    A_BETTER,
+    B_BETTER,
+    PairedDifference,
+    mean_interval,
+    paired_difference,
+    wilson_interval,
+)
 from synesthesia.utils import atomic_write_text
 
 
@@ -69,8 +85,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base_mean = _mean_std(baseline)[0]
     out = []
     for (method, source), members in groups.items():
-        test = [r["test_acc"] for r in members]
+        test = [_num(r["test_acc"]) for r in members]
         mean, std = _mean_std(test)
+        interval = mean_interval(test)
         teacher = _mean(members, "teacher_acc", None)
         gap = math.nan
         if not math.isnan(teacher) and not math.isnan(base_mean) and teacher != base_mean:
@@ -85,6 +102,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n": len(members),
                 "test_mean": mean,
                 "test_std": std,
+                "test_low": interval.low,
+                "test_high": interval.high,
+                "test_by_seed": {r["seed"]: _num(r["test_acc"]) for r in members},
+                "test_n": sorted({int(r["test_n"]) for r in members if r.get("test_n") is not None}),
                 "val_mean": _mean(members, "val_acc", None),
                 "teacher_acc": teacher,
                 "gap_closed": gap,
@@ -109,44 +130,166 @@ def _fmt(x: float, spec: str) -> str:
     return "–" if math.isnan(x) else format(x, spec)
 
 
+def _pp(x: float) -> str:
+    """A signed difference in percentage points, with a typographic minus: ``+1.23``, ``−0.40``."""
+    return "–" if math.isnan(x) else f"{100 * x:+.2f}".replace("-", "−")
+
+
+def _difference(d: PairedDifference) -> str:
+    """``+1.23 [−0.40, +2.86]``; without an interval (fewer than two shared seeds) says so."""
+    if d.n == 0:
+        return "– (no shared seed)"
+    if not d.has_interval:
+        return f"{_pp(d.mean)} [no interval: {d.n} seed]"
+    return f"{_pp(d.mean)} [{_pp(d.low)}, {_pp(d.high)}]"
+
+
+BASELINE = ("ce", "none")  # the image-only baseline every cell is compared with
+
+
+def _verdict(d: PairedDifference, a: str, b: str) -> str:
+    if d.verdict == A_BETTER:
+        return f"{a} better"
+    if d.verdict == B_BETTER:
+        return f"{b} better"
+    return d.verdict  # "not distinguishable"
+
+
+def paired_comparisons(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each (method, source) of :func:`aggregate` against ``ce`` (source none) and against tuned
+    ``kd`` at its own source, paired by seed; the baseline and kd against itself are skipped.
+
+    Each comparison: method, source, against (``ce`` or ``kd``), label (how the reference is
+    named in the report) and difference (a :class:`~synesthesia.ablate.stats.PairedDifference`
+    of method − reference test accuracy).
+    """
+    by_key = {(r["method"], r["source"]): r for r in summary}
+    out = []
+    for row in summary:
+        key = (row["method"], row["source"])
+        if key == BASELINE:
+            continue
+        for reference, label in ((BASELINE, "ce (none)"), (("kd", row["source"]), "tuned kd")):
+            if reference == key or reference not in by_key:
+                continue
+            difference = paired_difference(row["test_by_seed"], by_key[reference]["test_by_seed"])
+            out.append(
+                {
+                    "method": row["method"],
+                    "source": row["source"],
+                    "against": reference[0],
+                    "label": label,
+                    "difference": difference,
+                }
+            )
+    return out
+
+
+def rankings(summary: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per source with at least two cells: the best cell by mean test accuracy, the runner-up, their
+    paired difference, and whether the best one may be called best (``bold``: the interval excludes 0)."""
+    by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in summary:
+        if not math.isnan(row["test_mean"]):
+            by_source[row["source"]].append(row)
+    out = {}
+    for source, members in by_source.items():
+        if len(members) < 2:
+            continue
+        best, runner_up = sorted(members, key=lambda r: r["test_mean"], reverse=True)[:2]
+        difference = paired_difference(best["test_by_seed"], runner_up["test_by_seed"])
+        out[source] = {
+            "best": best["method"],
+            "runner_up": runner_up["method"],
+            "difference": difference,
+            "bold": difference.verdict == A_BETTER,
+        }
+    return out
+
+
+def _test_size_line(summary: list[dict[str, Any]]) -> list[str]:
+    """What one run's test accuracy is worth on its own, when the rows carry ``test_n``."""
+    sizes = sorted({n for row in summary for n in row.get("test_n", [])})
+    if not sizes:
+        return []
+    widest = wilson_interval(0.5, sizes[0])
+    half = 100 * (widest.high - widest.low) / 2
+    counted = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
+    return [
+        f"Each cell was tested on {counted} test samples: one run's test accuracy alone carries",
+        f"a binomial 95 % (Wilson) interval of up to ±{half:.2f} points, whatever the seed.",
+    ]
+
+
 def summary_markdown(
     summary: list[dict[str, Any]], title: str, rows: list[dict[str, Any]] | None = None
 ) -> str:
-    """The summary table; the best (method, source) per source by mean test accuracy in bold.
+    """The summary table, the paired differences, and (with ``rows``, all of results.jsonl) the KD
+    tuning runs and the teacher and stage-one commands.
 
-    With ``rows`` (all of results.jsonl), the KD tuning runs and the teacher and stage-one
-    commands are listed too.
+    A cell is in bold only when it has the best mean at its source *and* its paired 95 % interval
+    against the runner-up there excludes 0 (:func:`rankings`); otherwise no cell of that source is
+    bold, and the line under the table says why.
     """
-    best: dict[str, float] = {}
-    for row in summary:
-        if not math.isnan(row["test_mean"]):
-            best[row["source"]] = max(best.get(row["source"], -1.0), row["test_mean"])
+    ranked = rankings(summary)
     lines = [
         f"# {title}",
         "",
-        "Test accuracy (%) as mean ± std over seeds; model selection on val only, test evaluated once per cell.",
-        "gap closed = (student − image-only) ÷ (teacher − image-only). The best cell per source is in bold.",
+        "Test accuracy (%) as the mean over seeds with its 95 % interval (Student t over seeds; – with one",
+        "seed) and the std over seeds; model selection on val only, test evaluated once per cell.",
+        *_test_size_line(summary),
+        "gap closed = (student − image-only) ÷ (teacher − image-only). A cell is in bold only when it is the",
+        "best at its source and distinguishable from the runner-up there (paired interval excludes 0).",
         "Cost: stage-one seconds and bytes per sample of the source's sidecars; train s and samples/s of the",
         "student run; total s = stage one (whole source set) + teacher + KD tuning + student, per student.",
         "",
-        "| method | source | seeds | test acc | val acc | teacher | gap closed | stage-one s/sample "
-        "| stage-one bytes/sample | train s | samples/s | total s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | source | seeds | test acc [95 % interval] | std | val acc | teacher | gap closed "
+        "| stage-one s/sample | stage-one bytes/sample | train s | samples/s | total s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary:
-        acc = f"{_pct(row['test_mean'])} ± {_pct(row['test_std'])}"
-        if row["test_mean"] == best.get(row["source"]):
+        acc = f"{_pct(row['test_mean'])} [{_pct(row['test_low'])}, {_pct(row['test_high'])}]"
+        rank = ranked.get(row["source"])
+        if rank is not None and rank["bold"] and rank["best"] == row["method"]:
             acc = f"**{acc}**"
         method = row["method"]
         if "kd_alpha" in row:
             method = f"{method} (α={row['kd_alpha']:g}, T={row['kd_temperature']:g})"
         lines.append(
-            f"| {method} | {row['source']} | {row['n']} | {acc} | {_pct(row['val_mean'])} | "
-            f"{_pct(row['teacher_acc'])} | {_fmt(row['gap_closed'], '.2f')} | "
+            f"| {method} | {row['source']} | {row['n']} | {acc} | {_pct(row['test_std'])} | "
+            f"{_pct(row['val_mean'])} | {_pct(row['teacher_acc'])} | {_fmt(row['gap_closed'], '.2f')} | "
             f"{_fmt(row['stage1_s_per_sample'], '.4f')} | {_fmt(row['stage1_bytes_per_sample'], '.0f')} | "
             f"{_fmt(row['train_seconds'], '.1f')} | {_fmt(row['samples_per_s'], '.1f')} | "
             f"{_fmt(row.get('total_seconds', math.nan), '.0f')} |"
         )
+    if ranked:
+        lines.append("")
+        for source, rank in ranked.items():
+            d = rank["difference"]
+            outcome = "in bold" if rank["bold"] else "so no cell of this source is in bold"
+            lines.append(
+                f"- {source}: best mean {rank['best']}; {rank['best']} − {rank['runner_up']} (runner-up) "
+                f"{_difference(d)} points over {d.n} seeds, "
+                f"{_verdict(d, rank['best'], rank['runner_up'])}, {outcome}."
+            )
+    comparisons = paired_comparisons(summary)
+    if comparisons:
+        lines += [
+            "",
+            "## Paired differences (95 % interval over seeds)",
+            "",
+            "The cells of this grid share seeds, so each difference is taken seed by seed (method − reference "
+            "test accuracy, in points) and then averaged, with a Student t interval over the shared seeds.",
+            "",
+            "| method | source | against | difference (points) [95 % interval] | seeds | verdict |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for c in comparisons:
+            d = c["difference"]
+            lines.append(
+                f"| {c['method']} | {c['source']} | {c['label']} | {_difference(d)} | {d.n} | "
+                f"{_verdict(d, c['method'], c['against'])} |"
+            )
     tune = [r for r in rows or [] if r.get("role") == "tune"]
     if tune:
         lines += [
@@ -193,8 +336,15 @@ def write_summary(out_dir: str | Path, rows: list[dict[str, Any]], title: str) -
     return path
 
 
+def _half_width(row: dict[str, Any]) -> float:
+    """Half the 95 % interval over seeds, in points (0 with one seed: no interval to draw)."""
+    half = 100 * (row["test_high"] - row["test_mean"])
+    return 0.0 if math.isnan(half) else half
+
+
 def write_plots(out_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """accuracy.png (error bars per method × source), cost.png (accuracy vs cost), messy_layers.png."""
+    """accuracy.png (mean and 95 % interval over seeds per method × source), cost.png (accuracy vs
+    cost), paired.png (paired differences to ce and to tuned kd, with a zero line), messy_layers.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,12 +365,12 @@ def write_plots(out_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
                 if row["method"] == method and row["source"] == source:
                     xs.append(i + (j - (len(sources) - 1) / 2) * width)
                     ys.append(100 * row["test_mean"])
-                    es.append(100 * row["test_std"])
+                    es.append(_half_width(row))
         ax.bar(xs, ys, width, yerr=es, capsize=3, label=source)
     ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.legend(title="privileged source", fontsize=8)
-    ax.set_title("RGB-only students: accuracy per method × source")
+    ax.set_title("RGB-only students per method × source\n(error bars: 95 % interval over seeds)", fontsize=10)
     fig.tight_layout()
     written.append(out_dir / "accuracy.png")
     fig.savefig(written[-1], dpi=120)
@@ -233,20 +383,51 @@ def write_plots(out_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
         ax.errorbar(
             row["total_seconds"],
             100 * row["test_mean"],
-            yerr=100 * row["test_std"],
+            yerr=_half_width(row),
             fmt=markers.get(row["source"], "o"),
             color=colours[row["method"]],
             capsize=3,
             label=f"{row['method']} / {row['source']}",
         )
     ax.set_xlabel("seconds per student: stage one + teacher + KD tuning + training")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), 95 % interval over seeds")
     ax.set_title("accuracy against total cost")
     ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(out_dir / "cost.png")
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
+
+    comparisons = paired_comparisons(summary)
+    if comparisons:
+        references = list(dict.fromkeys(c["label"] for c in comparisons))
+        fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.35 * len(comparisons)))
+        for k, c in enumerate(comparisons):
+            d = c["difference"]
+            y = len(comparisons) - 1 - k  # first comparison on top
+            colour = f"C{references.index(c['label'])}"
+            if d.has_interval:
+                err = [[100 * (d.mean - d.low)], [100 * (d.high - d.mean)]]
+                ax.errorbar(100 * d.mean, y, xerr=err, fmt="o", color=colour, capsize=3)
+            else:  # one shared seed: a point without an interval, drawn hollow
+                ax.plot(100 * d.mean, y, "o", mfc="none", color=colour)
+        for i, label in enumerate(references):
+            ax.plot([], [], "o", color=f"C{i}", label=f"against {label}")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(
+            range(len(comparisons)),
+            [f"{c['method']} / {c['source']} vs {c['label']}" for c in reversed(comparisons)],
+            fontsize=8,
+        )
+        ax.set_xlabel("test accuracy difference (points), paired by seed")
+        ax.set_title(
+            "paired differences with 95 % intervals over seeds\n(hollow: one seed, no interval)", fontsize=10
+        )
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / "paired.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
 
     curves = [r for r in cells(rows) if r["method"] == "messy" and r.get("loss_curves")]
     if curves:

@@ -506,6 +506,8 @@ class Ablation:
         row = {
             "val_acc": _acc(m, "best"),
             "test_acc": _acc(m, "test"),
+            "test_n": (m.get("test") or {}).get("samples"),
+            "epochs_trained": m.get("epochs_trained", m.get("epochs")),
             "train_seconds": result["seconds"],
             "samples_per_s": float(m.get("train_samples_per_s") or float("nan")),
             "run": result["run"],

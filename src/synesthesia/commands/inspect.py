@@ -1,4 +1,9 @@
-"""`synesthesia inspect PATH [--verify]`: splits, counts, modalities, latent specs, generator identity."""
+"""`synesthesia inspect PATH [--verify]`: splits, counts, modalities, latent specs, generator identity.
+
+Source sets also show each split's label mixing across shards; a train split
+that looks class-sorted gets a ``warning:`` line on stderr (in ``--json``
+mode too, where it is also listed under ``warnings``).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ def run(args) -> int:
             failed += bool(problems)
         summaries.append(info)
     if args.json:
+        for info in summaries:
+            _print_warnings(info)
         print(json.dumps(summaries, indent=2, sort_keys=True))
     else:
         for info in summaries:
@@ -38,6 +45,8 @@ def run(args) -> int:
                 print(f"  modalities: {', '.join(info['modalities']) or 'rgb only'}")
             if info.get("num_classes") is not None:
                 print(f"  classes: {info['num_classes']}")
+            for split, mix in info.get("label_mixing", {}).items():
+                print(f"  {_mixing_line(split, mix)}")
             if info.get("generator"):
                 print(f"  generator: {json.dumps(info['generator'], sort_keys=True)}")
             if info.get("latent_spec"):
@@ -48,4 +57,22 @@ def run(args) -> int:
                 print("  verify: ok" if info["verified"] else "  verify: FAILED")
                 for problem in info["problems"]:
                     print(f"    {problem}", file=sys.stderr)
+            _print_warnings(info)
     return 1 if failed else 0
+
+
+def _print_warnings(info: dict) -> None:
+    for warning in info.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _mixing_line(split: str, mix: dict) -> str:
+    """One text line of a split's label mixing (see ``SplitMixing.summary``)."""
+    score = "n/a" if mix["mixing"] is None else f"{mix['mixing']:.2f}"
+    where = "manifest" if mix["origin"] == "manifest" else "read from shards"
+    return (
+        f"label mixing {split}: {score}{'  CLASS-SORTED' if mix['class_sorted'] else ''}"
+        f"  (shard label entropy min {mix['entropy_min']:.2f} / mean {mix['entropy_mean']:.2f} nats,"
+        f" random order {mix['expected_entropy']:.2f}; ≥ {mix['min_classes_per_shard']} of"
+        f" {mix['classes']} classes per shard; {where})"
+    )

@@ -60,6 +60,22 @@ def predictive_head(in_dim: int, out_dim: int, hidden: int = 512) -> nn.Sequenti
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
+def batch_r2(mse: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """How much of the target's variance a head explains on this batch (a logged diagnostic, no
+    gradient): R² = 1 − MSE ÷ the MSE of predicting every sample by the batch's mean target, over
+    the samples ``mask`` keeps. Near 0: the head predicts no better than the mean feature, i.e.
+    the student's features carry little of what the teacher's modality tokens vary with."""
+    with torch.no_grad():
+        target = target.float()
+        if mask is None:
+            mean = target.mean(dim=0, keepdim=True)
+        else:
+            weights = mask.to(target.dtype).unsqueeze(-1)
+            mean = (target * weights).sum(dim=0, keepdim=True) / weights.sum().clamp(min=1.0)
+        spread = masked_mse(mean.expand_as(target), target, mask)
+        return 1.0 - mse.detach().float() / spread.clamp(min=1e-12)
+
+
 @METHODS.register("messy")
 class Messy(Method):
     """KD plus per-layer, per-modality predictive heads regressing the teacher's modality features."""
@@ -169,6 +185,7 @@ class Messy(Method):
                     target, mask = self._latent_target(batch, modality), None
                 term = masked_mse(prediction, target, mask)
                 terms[f"messy/l{layer}/{modality}"] = term
+                terms[f"messy_r2/l{layer}/{modality}"] = batch_r2(term, target, mask)
                 total = total + term
         terms["messy"] = total
         terms["loss"] = loss + self.weight * total

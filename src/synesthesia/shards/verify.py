@@ -1,4 +1,10 @@
-"""`synesthesia inspect`: describe a shard set (or a dataset root) and optionally re-hash it."""
+"""`synesthesia inspect`: describe a shard set (or a dataset root) and optionally re-hash it.
+
+For a source set the description includes each split's label mixing across
+shards (``synesthesia.shards.mixing``) and a warning when the train split looks
+class-sorted — the one split whose order matters, as training reads it through
+a bounded shuffle buffer.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from synesthesia import UserError
+from synesthesia.shards.mixing import class_sorted, split_mixing, warning_text
 from synesthesia.shards.schema import MANIFEST
 from synesthesia.shards.writer import Manifest
 from synesthesia.utils import sha256_file
@@ -30,7 +37,11 @@ def find_sets(path: str | Path) -> list[Path]:
 
 
 def describe(directory: str | Path) -> dict[str, Any]:
-    """A summary of one set: kind, splits and counts, modalities, latent spec, generator."""
+    """A summary of one set: kind, splits and counts, modalities, latent spec, generator.
+
+    Source sets add ``label_mixing`` (split → ``SplitMixing.summary()``) and
+    ``warnings`` (one line each).
+    """
     directory = Path(directory)
     m = Manifest.read(directory)
     info: dict[str, Any] = {
@@ -57,6 +68,16 @@ def describe(directory: str | Path) -> dict[str, Any]:
         info["channel_stats"] = m.channel_stats
     if m.config_hash:
         info["config_hash"] = m.config_hash
+    if m.kind == "source":
+        info["label_mixing"] = {}
+        info["warnings"] = []
+        for split in m.splits:
+            mixing = split_mixing(directory, split, manifest=m)
+            if mixing is None:
+                continue
+            info["label_mixing"][split] = mixing.summary()
+            if split == "train" and class_sorted(mixing):
+                info["warnings"].append(warning_text(mixing, directory))
     return info
 
 

@@ -43,10 +43,19 @@ unreadable or truncated images, zero-byte files, other image formats, ``.npy``
 files with a wrong dtype, rank or a pickle inside, NaN/inf in a signal,
 non-UTF-8 names, duplicate keys, the rest of a truncated tar — are skipped with one warning line each and
 counted by reason in the manifest's ``skipped``. Mistakes of configuration are
-UserErrors. The source is read twice (keys and labels to plan the splits, then
-the samples). The set is written to a temporary folder and moved onto
-``<out>/<dataset>/source`` only when complete, manifest last; the same input
-and config always give byte-identical shards.
+UserErrors. The source is listed once (keys and labels, to plan the splits;
+folder and HF samples are then read lazily, webdataset samples are held from
+the listing), and the first sample of a key wins.
+
+Order: each split is written in a seeded global permutation of its sorted keys
+(``np.random.default_rng([seed, i])``, ``i`` the index of the split in
+train, val, test), never in source order — a class-folder source listed in
+path order would otherwise give shards of one or two classes each, which
+training's shard shuffle and bounded shuffle buffer cannot mix. The label mix
+of every shard is recorded in the manifest's ``extra.label_mix`` (see
+``synesthesia.shards.mixing``). The set is written to a temporary folder and
+moved onto ``<out>/<dataset>/source`` only when complete, manifest last; the
+same input and config always give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -69,8 +78,9 @@ from PIL import Image
 
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, config_hash, to_dict
+from synesthesia.shards.mixing import label_mix_entry
 from synesthesia.shards.schema import MAX_KEY_LENGTH, SchemaError, encode_json, encode_npy
-from synesthesia.shards.writer import Manifest, SplitWriter
+from synesthesia.shards.writer import Manifest, ShardInfo, SplitWriter
 from synesthesia.sources.lidar import project_scan, read_velodyne_bin
 from synesthesia.sources.signals import decode_audio, encode_flac
 from synesthesia.utils import sha256_bytes
@@ -78,6 +88,7 @@ from synesthesia.utils import sha256_bytes
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "folder", "webdataset", "hf")
+SPLITS = ("train", "val", "test")  # output splits; the index seeds each one's write order
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Paired-signal folders of the image-folder layout and the file suffixes each accepts.
@@ -722,7 +733,7 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
     if not re.fullmatch(r"[A-Za-z0-9_\-.]+", cfg.dataset) or cfg.dataset.startswith("."):
         raise UserError(f"dataset name {cfg.dataset!r} must be letters, digits, '_', '-' or '.'")
     source = open_source(icfg)
-    items = list(source.items(warn=False))
+    items = list(source.items())  # the only pass over the source: it warns about corrupt tars
     split_of, class_names = plan(items, icfg, cfg.seed)
     if not split_of:
         raise UserError(f"no images found in {icfg.source}")
@@ -746,37 +757,57 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".source-", suffix=".tmp", dir=final.parent))
     try:
-        writers = {split: SplitWriter(tmp, split, icfg.shard_size) for split in ("train", "val", "test")}
         skipped: Counter[str] = Counter()
-        modalities: set[str] = set()
-        seen: set[str] = set()
-        kept = 0
-        for item in source.items():
+        chosen: dict[str, Item] = {}  # key -> the first usable item of that key
+        for item in items:
             try:
                 if item.error is not None:
                     raise item.error
-                if item.key in seen:
+                if item.key in chosen:
                     raise SchemaError(f"duplicate key {item.key!r}", "duplicate_key")
-                seen.add(item.key)
-                sample = build_sample(item, *resolve(item.label), icfg)
-                writers[split_of[item.key]].add(sample)
             except SchemaError as exc:
                 skipped[exc.reason] += 1
                 logger.warning("skipped %s: %s", item.origin, exc)
                 continue
-            kept += 1
-            modalities.update(
-                m
-                for m, f in (("depth", "depth.npy"), ("audio", "audio.flac"), ("lidar", "lidar.npy"))
-                if f in sample
-            )
+            chosen[item.key] = item
+        splits: dict[str, list[ShardInfo]] = {}
+        label_mix: dict[str, Any] = {}
+        modalities: set[str] = set()
+        for index, split in enumerate(SPLITS):
+            keys = sorted(k for k, s in split_of.items() if s == split)
+            order = np.random.default_rng([cfg.seed, index]).permutation(len(keys))
+            writer = SplitWriter(tmp, split, icfg.shard_size)
+            labels: list[int] = []  # of the written samples, in order
+            for i in order:
+                item = chosen[keys[i]]
+                try:
+                    label, class_name = resolve(item.label)
+                    sample = build_sample(item, label, class_name, icfg)
+                    if not writer.add(sample):
+                        continue  # (keys are unique here: duplicates were skipped above)
+                except SchemaError as exc:
+                    skipped[exc.reason] += 1
+                    logger.warning("skipped %s: %s", item.origin, exc)
+                    continue
+                labels.append(label)
+                modalities.update(
+                    m
+                    for m, f in (("depth", "depth.npy"), ("audio", "audio.flac"), ("lidar", "lidar.npy"))
+                    if f in sample
+                )
+            infos = writer.close()
+            if infos:
+                splits[split] = infos
+                size = icfg.shard_size  # SplitWriter cuts a shard every shard_size samples
+                label_mix[split] = label_mix_entry(
+                    [labels[j : j + size] for j in range(0, len(labels), size)]
+                )
+        kept = sum(info.samples for infos in splits.values() for info in infos)
         # Bad tar entries of a webdataset source (warned about by its error handler).
         skipped.update({k: v for k, v in getattr(source, "tar_errors", {}).items() if v})
         if kept == 0:
             summary = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
             raise UserError(f"no usable samples in {icfg.source} (skipped: {summary})")
-        splits = {split: w.close() for split, w in writers.items()}
-        splits = {split: infos for split, infos in splits.items() if infos}
         extra: dict[str, Any] = {
             "modalities": sorted(modalities),
             "num_classes": len(class_names),
@@ -784,6 +815,7 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
             "audio_rate": icfg.audio_rate,
             "format": source.format,
             "source": str(icfg.source),
+            "label_mix": label_mix,
         }
         if "lidar" in modalities:
             extra["lidar"] = {

@@ -95,7 +95,8 @@ class TrainState:
 
     ``epoch``: the epoch being trained; ``batch``: micro-batches of it already
     done; ``step``: optimizer steps done in all; ``best``: the val record of the
-    selected weights; ``history``: one val record per epoch.
+    selected weights; ``history``: one val record per epoch; ``stopped``: the run
+    ended early on val (``train.early_stop_patience``), so a resume trains no further.
     """
 
     epoch: int = 0
@@ -103,6 +104,7 @@ class TrainState:
     step: int = 0
     best: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"json": json.dumps(asdict(self))}

@@ -17,16 +17,35 @@ therefore never wait on a rank that ran out. The DataLoader is kept out of
 ``accelerator.prepare``: accelerate's default for an iterable dataset
 (``dispatch_batches``) would read everything on rank 0 and scatter it.
 
-Per sample (in the workers): the RGB image is decoded and augmented (train:
-random resized crop and horizontal flip, torchvision ``transforms.v2``; eval:
-resize and centre crop), normalised with the ImageNet statistics; each
-latent is standardised per channel with its sidecar manifest's
-``channel_stats`` (``(z - mean_c) / std_c``), and when the generator wrote
+Per sample (in the workers): the RGB image is decoded, cropped and resized to
+its view and normalised with the ImageNet statistics (:class:`RGBTransform`,
+torchvision ``transforms.v2``); the view's geometry is the box of the source
+image it shows and whether it was flipped. Eval images are resized and
+centre-cropped; train images follow ``train.augment``:
+
+- ``aligned`` (default): a random resized crop (scale 0.35-1) and a horizontal
+  flip of the RGB, and the same box and flip for the spatial privileged inputs
+  of the modalities on the image's grid (:data:`IMAGE_ALIGNED`: depth; audio's
+  spectrogram and lidar's range image are spatial but not on it): a latent on
+  its h×w grid, a decoded signal on its H×W, each resampled to its own grid
+  (:func:`apply_geometry`), so the teacher fuses and MESSy predicts the content
+  the RGB shows. In eval they take the centre box, which on a square image is
+  the whole image (no resampling: they are exactly as stored);
+- ``rgb``: the same crop and flip of the RGB only, the privileged inputs those
+  of the whole unflipped image (the behaviour before ``aligned``; a legacy
+  ``augment: true`` reads as ``rgb``);
+- ``none``: train images get the eval view, the privileged inputs as stored (a
+  legacy ``augment: false``).
+
+Tokens and codes have no geometry and are never cropped. Each latent is
+standardised per channel with its sidecar manifest's ``channel_stats``
+(``(z - mean_c) / std_c``; before its crop), and when the generator wrote
 ``S`` samples per input one of them is drawn (for decoded sidecars too: their
 S decodings are not stacked as channels, so the decoded and latent sources see
-the same one generated sample per input and epoch). The draw and the augmentation are
-seeded by ``(seed, epoch, key)``, so they do not depend on which rank or worker
-reads the sample, and a resumed run sees the same batches.
+the same one generated sample per input and epoch). The augmentation (its
+torch seed drawn first) and the S draw are seeded by ``(seed, epoch, key)``, so
+they do not depend on which rank or worker reads the sample, and a resumed run
+sees the same batches.
 
 The decoded privileged source (``train.source=decoded``, the decode-encode loop
 that DLA removes) comes from where ``train.decoded_from`` says:
@@ -41,7 +60,9 @@ that DLA removes) comes from where ``train.decoded_from`` says:
   (rebuilt from its manifest's ``config.generator``; built once per process,
   frozen, eval mode, ``torch.inference_mode``, the autocast precision stage one
   recorded) into ``batch["decoded"]`` and drops the raw latents. Flagged samples
-  get zeros, as in the decoded sidecars. The decode runs on the loader's
+  get zeros, as in the decoded sidecars. Each sample's geometry travels with the
+  batch (``batch["geometry"]``, B×5) and is applied to the decoded signals of
+  image-aligned modalities, as to a decoded sidecar's. The decode runs on the loader's
   ``device`` (:func:`build_loader`; the trainer passes the accelerator's, the
   CPU otherwise) and its seconds are counted in :attr:`ShardLoader.decode_s`
   (the trainer's ``timing.decode_s_per_step``, part of ``data_s_per_step``).
@@ -72,6 +93,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from synesthesia import UserError
@@ -86,6 +108,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("none", "latent", "decoded", "real")
 DECODED_FROM = ("sidecars", "latents")
+AUGMENT = ("aligned", "rgb", "none")  # train.augment; a legacy bool reads as rgb (true) or none (false)
+# The modalities whose spatial inputs lie on the RGB image's grid: train.augment=aligned crops and
+# flips them with the image. Audio (a spectrogram's latent) and lidar (a range image, beams x
+# azimuth) are spatial too, but their axes are not the image's.
+IMAGE_ALIGNED = ("depth",)
 RAW_LATENTS = "raw_latents"  # sample/batch key of the latents to decode on the fly (dropped once decoded)
 # Which generator mode feeds each privileged source when train.latent_sets does not say.
 _SOURCE_MODE = {"latent": "generate", "decoded": "generate", "real": "encode"}
@@ -233,6 +260,16 @@ def check_decoded_from(train) -> None:
         )
 
 
+def augment_mode(augment: str | bool) -> str:
+    """``train.augment`` as one of :data:`AUGMENT`: a legacy bool (written configs) reads as
+    ``rgb`` (true, the RGB-only augmentation it meant) or ``none`` (false)."""
+    if isinstance(augment, bool):
+        return "rgb" if augment else "none"
+    if augment not in AUGMENT:
+        raise UserError(f"unknown train.augment {augment!r}; valid: {', '.join(AUGMENT)}")
+    return augment
+
+
 def build_decoder(
     gen: dict[str, Any], device: str | torch.device = "cpu", precision: str = "fp32"
 ) -> Generator:
@@ -362,6 +399,7 @@ def resolve_data(cfg) -> DataSpec:
     if train.source not in SOURCES:
         raise UserError(f"unknown train.source {train.source!r}; valid: {', '.join(SOURCES)}")
     check_decoded_from(train)
+    augment_mode(train.augment)
     root = Path(train.shards) / cfg.dataset
     source_dir = root / "source"
     if not (source_dir / "manifest.json").is_file():
@@ -472,18 +510,94 @@ def batch_sizes(num_samples: int, steps: int, batch_size: int) -> list[int]:
 # ----------------------------------------------------------------------------- samples
 
 
-def rgb_transform(image_size: int, train: bool) -> v2.Compose:
-    """Train: random resized crop (scale 0.35-1) and horizontal flip; eval: resize and centre crop."""
-    if train:
-        geometry = [
-            v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-    else:
-        geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose(
-        [*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+class RGBTransform:
+    """A uint8 3×H×W image → its normalised float 3×S×S view and that view's geometry.
+
+    The geometry is a float32 tensor ``[top, left, height, width, flip]``: the box
+    of the source image the view shows, as fractions of the source's height and
+    width, and 1 where the view was then flipped horizontally (:func:`apply_geometry`
+    applies it to other inputs on the image's grid). Train (``random``): a random
+    resized crop (scale 0.35-1) and a horizontal flip, drawn from the global CPU
+    generator exactly as ``v2.RandomResizedCrop`` and ``v2.RandomHorizontalFlip``
+    draw them; eval: resize (shorter side S) and centre crop, whose box is the
+    whole image when it is square.
+    """
+
+    def __init__(self, image_size: int, random: bool):
+        self.size = image_size
+        self.random = random
+        self.crop = v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True)
+        self.flip = v2.RandomHorizontalFlip()
+        self.resize = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+        self.normalise = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = image.shape[-2:]
+        if self.random:
+            box = self.crop.make_params([image])
+            flip = bool(torch.rand(1) < self.flip.p)  # RandomHorizontalFlip skips when rand >= p
+            image = self.crop.transform(image, box)
+            if flip:
+                image = self.flip.transform(image, {})
+            geometry = [
+                box["top"] / height,
+                box["left"] / width,
+                box["height"] / height,
+                box["width"] / width,
+            ]
+        else:
+            image = self.resize(image)
+            geometry, flip = self._centre_box(height, width), False
+        return self.normalise(image), torch.tensor([*geometry, float(flip)], dtype=torch.float32)
+
+    def _centre_box(self, height: int, width: int) -> list[float]:
+        """The eval view's box, as fractions: ``v2.Resize`` scales the shorter side to S (the
+        longer to ``int(S * long / short)``), ``v2.CenterCrop`` takes S×S of that at
+        ``round((side - S) / 2)``; exactly [0, 0, 1, 1] for a square image."""
+        short, long = min(height, width), max(height, width)
+        resized = (self.size, int(self.size * long / short))
+        resized_h, resized_w = resized if height <= width else resized[::-1]
+        top, left = round((resized_h - self.size) / 2), round((resized_w - self.size) / 2)
+        return [top / resized_h, left / resized_w, self.size / resized_h, self.size / resized_w]
+
+
+WHOLE = (0.0, 0.0, 1.0, 1.0)  # the geometry box of the whole image
+
+
+def apply_geometry(x: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+    """Spatial inputs (B, ..., H, W) cropped and flipped as their images were (``geometry`` B×5,
+    :class:`RGBTransform`'s): row b's box, taken in the input's own coordinates, is resampled
+    bilinearly to the input's H×W grid (``torchvision.ops.roi_align``, aligned=True: pixel centres
+    at +0.5, as ``v2.RandomResizedCrop`` resizes; at the box's edges it reads the pixels just
+    beyond the box, where resizing a cut-out crop repeats its edge), then flipped along W where
+    its flip is set.
+
+    A row whose box is the whole input is not resampled, so a row with the whole box and no flip
+    is exactly itself (eval on square images), and a whole-box flip is exact too.
+    """
+    if x.ndim < 3 or geometry.shape != (x.shape[0], 5):
+        raise ValueError(f"apply_geometry: inputs {list(x.shape)} and geometry {list(geometry.shape)}")
+    height, width = x.shape[-2:]
+    geometry = geometry.to(x.device)
+    box, flip = geometry[:, :4], geometry[:, 4] > 0.5
+    crop = (box != torch.tensor(WHOLE, device=x.device)).any(dim=1)
+    if not bool(crop.any()) and not bool(flip.any()):
+        return x
+    out = x.clone()
+    if bool(crop.any()):
+        rows = crop.nonzero().flatten()
+        pixels = torch.tensor([height, width, height, width], dtype=torch.float64, device=x.device)
+        top, left, box_h, box_w = (box[rows].double() * pixels).unbind(1)
+        index = torch.arange(len(rows), dtype=torch.float64, device=x.device)
+        rois = torch.stack([index, left, top, left + box_w, top + box_h], dim=1).float()
+        planes = x[rows].reshape(len(rows), -1, height, width).float()
+        resampled = roi_align(planes, rois, output_size=(height, width), aligned=True)
+        out[rows] = resampled.reshape(x[rows].shape).to(x.dtype)
+    if bool(flip.any()):
+        out[flip] = out[flip].flip(-1)
+    return out
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -498,16 +612,32 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 class SampleDecoder:
     """Raw merged sample (``field -> bytes``) → tensors; bad samples raise SchemaError.
 
-    A sidecar decoded on the fly gives its raw latent (as stored, in float32 or
-    int64 for codes, S drawn, not standardised) under ``raw_latents``; the
-    loader decodes it after batching (:class:`OnTheFlyDecoder`).
+    ``train`` samples are augmented as ``augment`` (:data:`AUGMENT`) says, eval
+    ones get the eval geometry; with ``augment="aligned"`` the spatial latents and
+    decoded signals of :attr:`aligned` modalities follow the RGB's geometry
+    (returned under ``geometry``). A sidecar decoded on the fly gives its raw latent
+    (as stored, in float32 or int64 for codes, S drawn, not standardised) under
+    ``raw_latents``; the loader decodes it after batching (:class:`OnTheFlyDecoder`).
     """
 
-    def __init__(self, sidecars: dict[str, Sidecar], image_size: int, augment: bool, seed: int):
+    def __init__(
+        self,
+        sidecars: dict[str, Sidecar],
+        image_size: int,
+        seed: int,
+        *,
+        train: bool,
+        augment: str = "aligned",
+    ):
+        mode = augment_mode(augment)
         self.sidecars = sidecars
-        self.augment = augment
         self.seed = seed
-        self.transform = rgb_transform(image_size, augment)
+        self.random = train and mode != "none"
+        self.transform = RGBTransform(image_size, self.random)
+        # the modalities whose spatial inputs take the RGB's geometry
+        self.aligned = (
+            frozenset(m for m in sidecars if m in IMAGE_ALIGNED) if mode == "aligned" else frozenset()
+        )
         self.stats = {
             m: (
                 torch.tensor(s.mean, dtype=torch.float32),
@@ -529,6 +659,14 @@ class SampleDecoder:
             return (x - mean.view(-1, *([1] * (x.ndim - 1)))) / std.view(-1, *([1] * (x.ndim - 1)))
         return (x - mean) / std  # tokens T×C: channel last
 
+    def _align(self, sidecar: Sidecar, x: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """``x`` cropped and flipped like the RGB when its modality is aligned and it is spatial
+        (a C×h×w latent or a decoded signal; tokens have no geometry)."""
+        spatial = sidecar.kind == "decoded" or sidecar.spec.get("kind") == "spatial"
+        if sidecar.modality not in self.aligned or not spatial:
+            return x
+        return apply_geometry(x.unsqueeze(0), geometry.unsqueeze(0))[0]
+
     def __call__(self, raw: dict[str, Any], epoch: int) -> dict[str, Any]:
         key = raw["__key__"]
         rng = _rng(key_seed(key, self.seed), epoch)
@@ -537,15 +675,15 @@ class SampleDecoder:
         except (KeyError, ValueError, AttributeError):
             raise SchemaError(f"sample {key!r}: missing or bad cls") from None
         image = decode_rgb(raw[image_field(raw)])
-        if self.augment:
+        if self.random:
             # transforms.v2 draws from the global CPU generator: seed it for this sample inside a
             # fork (state restored after). Seeding only the CPU generator, not torch.manual_seed,
             # leaves the CUDA generators alone and skips their lazy-seeding bookkeeping (~0.3 ms).
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(int(rng.integers(2**62)))
-                rgb = self.transform(image)
+                rgb, geometry = self.transform(image)
         else:
-            rgb = self.transform(image)
+            rgb, geometry = self.transform(image)
         latents, decoded, raw_latents, present = {}, {}, {}, {}
         for m, sidecar in self.sidecars.items():
             if sidecar.field not in raw:
@@ -567,16 +705,20 @@ class SampleDecoder:
                 dtype = np.int64 if array.dtype.kind in "iu" else np.float32
                 raw_latents[m] = torch.from_numpy(np.array(array, dtype=dtype))
             elif sidecar.kind == "decoded":
-                decoded[m] = torch.from_numpy(np.array(array, dtype=np.float32))
+                decoded[m] = self._align(
+                    sidecar, torch.from_numpy(np.array(array, dtype=np.float32)), geometry
+                )
             elif sidecar.spec.get("kind") == "codes":
                 latents[m] = torch.from_numpy(np.array(array, dtype=np.int64))
             elif present[m]:
-                latents[m] = self._standardise(sidecar, torch.from_numpy(np.array(array, dtype=np.float32)))
+                latent = self._standardise(sidecar, torch.from_numpy(np.array(array, dtype=np.float32)))
+                latents[m] = self._align(sidecar, latent, geometry)
             else:
                 latents[m] = torch.zeros(array.shape, dtype=torch.float32)
         return {
             "key": key,
             "rgb": rgb,
+            "geometry": geometry,
             "label": label,
             "latents": latents,
             "decoded": decoded,
@@ -586,10 +728,12 @@ class SampleDecoder:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Decoded samples → the batch the methods see: rgb, label, latents, decoded, keys, and
-    ``present`` {modality: (B,) bool}, False where stage one flagged the sample's latent."""
+    """Decoded samples → the batch the methods see: rgb, label, latents, decoded, keys, ``geometry``
+    (B×5, :class:`RGBTransform`'s) and ``present`` {modality: (B,) bool}, False where stage one
+    flagged the sample's latent."""
     batch: dict[str, Any] = {
         "rgb": torch.stack([s["rgb"] for s in samples]),
+        "geometry": torch.stack([s["geometry"] for s in samples]),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "keys": [s["key"] for s in samples],
         "latents": {m: torch.stack([s["latents"][m] for s in samples]) for m in samples[0]["latents"]},
@@ -616,11 +760,19 @@ class OnTheFlyDecoder:
     precision stage one recorded; a batch is decoded in one call per modality
     under ``torch.inference_mode``, to float32 (B, *shape) on the CPU, rows of
     flagged samples (``present`` False) set to zeros as in stage one's decoded
-    sets. ``seconds`` sums the time spent here.
+    sets. The signals of ``aligned`` modalities then take each sample's geometry
+    (``batch["geometry"]``, :func:`apply_geometry`), as a decoded sidecar's do in
+    :class:`SampleDecoder`. ``seconds`` sums the time spent here.
     """
 
-    def __init__(self, sidecars: dict[str, Sidecar], device: str | torch.device | None = None):
+    def __init__(
+        self,
+        sidecars: dict[str, Sidecar],
+        device: str | torch.device | None = None,
+        aligned: frozenset[str] = frozenset(),
+    ):
         self.sidecars = {m: s for m, s in sidecars.items() if s.on_the_fly}
+        self.aligned = aligned
         self.device = torch.device(device if device is not None else "cpu")
         self.generators: dict[str, Generator] = {}
         self.seconds = 0.0
@@ -647,7 +799,7 @@ class OnTheFlyDecoder:
             present = (batch.get("present") or {}).get(m)
             if present is not None and not bool(present.all()):
                 signal[~present] = 0.0
-            decoded[m] = signal
+            decoded[m] = apply_geometry(signal, batch["geometry"]) if m in self.aligned else signal
         batch["decoded"] = decoded
         self.seconds += time.perf_counter() - start
         return batch
@@ -672,7 +824,7 @@ class ShardStream(IterableDataset):
         world: int = 1,
         seed: int = 0,
         train: bool = True,
-        augment: bool = True,
+        augment: str = "aligned",
         shuffle_buffer: int = 1000,
         on_error: str = "warn",
     ):
@@ -687,7 +839,7 @@ class ShardStream(IterableDataset):
         self.train = train
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.on_error = on_error
-        self.decoder = SampleDecoder(spec.sidecars, spec.image_size, augment and train, seed)
+        self.decoder = SampleDecoder(spec.sidecars, spec.image_size, seed, train=train, augment=augment)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -755,7 +907,7 @@ class ShardLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.padded = 0
-        decoder = OnTheFlyDecoder(stream.decoder.sidecars, device)
+        decoder = OnTheFlyDecoder(stream.decoder.sidecars, device, stream.decoder.aligned)
         self.decoder = decoder if decoder.sidecars else None
 
     @property
@@ -845,7 +997,7 @@ def build_loader(
         world=world,
         seed=train_cfg.seed,
         train=is_train,
-        augment=train_cfg.augment,
+        augment=augment_mode(train_cfg.augment),
         shuffle_buffer=train_cfg.shuffle_buffer,
         on_error=train_cfg.on_error,
     )

@@ -22,8 +22,11 @@ feature visible:
   checkpoint, so the final weights equal an uninterrupted run's;
 - trackers through ``log_with`` (default ``jsonl``: ``<run>/logs/metrics.jsonl``);
 - a tqdm progress bar on the main process;
-- model selection on val (top-1, evaluated after every epoch; ``best/``) and
-  the test split evaluated once, at the end, with the selected weights.
+- model selection on val (top-1, evaluated after every epoch; ``best/``),
+  early stopping on it (``train.early_stop_patience`` epochs without a better
+  val accuracy end the run; ``train.epochs`` caps it and sizes the cosine
+  schedule), and the test split evaluated once, at the end, with the selected
+  weights.
 
 stage=teacher trains :class:`~synesthesia.models.teacher.MultimodalTeacher`
 with cross-entropy on RGB plus the privileged inputs of ``train.source``, or,
@@ -79,6 +82,7 @@ from torch import nn
 
 from synesthesia import UserError
 from synesthesia.config import to_dict, write_resolved
+from synesthesia.shards.mixing import warn_if_class_sorted
 from synesthesia.train.checkpoint import (
     TrainState,
     checkpoint_path,
@@ -204,6 +208,8 @@ def check_config(cfg) -> None:
     for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1")
+    if t.early_stop_patience < 0:
+        raise UserError("train.early_stop_patience must be 0 (never stop early) or a number of epochs")
     if t.stage == "teacher" and t.source == "none":
         raise UserError(
             "train.stage=teacher needs privileged inputs: set train.source to latent, decoded or real"
@@ -393,6 +399,9 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(t.seed)  # the same initial weights on every rank
     spec = resolve_data(cfg)
+    if accelerator.is_main_process and t.shuffle_buffer < spec.counts.get("train", 0):
+        # shards that each hold one or two classes defeat a buffer smaller than the split
+        warn_if_class_sorted(spec.source_dir, "train", logger)
     trainee, frozen, model_config = build_models(cfg, spec, out)
     # the frozen teacher keeps only the hidden states the method reads (None: all of them)
     method = getattr(trainee, "method", None)
@@ -464,7 +473,7 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
     )
     start_time, samples_seen = time.perf_counter(), 0
     timing = {"data_s": 0.0, "teacher_forward_s": 0.0, "step_s": 0.0, "micro_batches": 0}
-    while state.epoch < t.epochs:
+    while state.epoch < t.epochs and not state.stopped:
         epoch = state.epoch
         trainee.train()
         keys_seen: list[str] = []
@@ -554,7 +563,16 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
             if accelerator.is_main_process:
                 save_best()
         accelerator.wait_for_everyone()
-        last = state.epoch == t.epochs
+        if val_loader is not None and early_stop_due(state.history, state.best, t.early_stop_patience):
+            state.stopped = True
+            logger.info(
+                "%s: val accuracy has not improved for %d epochs (best %.4f at epoch %d): stopping",
+                run.name,
+                t.early_stop_patience,
+                state.best.get("accuracy", 0.0),
+                state.best.get("epoch", 0),
+            )
+        last = state.epoch == t.epochs or state.stopped
         if last or (t.save_every and state.step % t.save_every == 0):
             save_checkpoint()
     bar.close()
@@ -585,6 +603,9 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
         "modalities": list(spec.sidecars),
         "steps": state.step,
         "epochs": t.epochs,
+        "epochs_trained": state.epoch,
+        "stopped_early": state.stopped,
+        "early_stop_patience": t.early_stop_patience,
         "processes": world,
         "history": state.history,
         "best": state.best,
@@ -629,6 +650,14 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def early_stop_due(history: list[dict[str, Any]], best: dict[str, Any], patience: int) -> bool:
+    """Whether the last ``patience`` epochs of ``history`` all came after the selected (best-on-val)
+    epoch without beating it; never with ``patience`` 0."""
+    if patience <= 0 or not history or "epoch" not in best:
+        return False
+    return history[-1]["epoch"] - best["epoch"] >= patience
 
 
 def state_digest(model: nn.Module) -> str:
