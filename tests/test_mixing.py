@@ -229,13 +229,13 @@ def test_a_ce_student_learns_on_an_ingested_class_folder_set(tmp_path, caplog):
     """The user's report: class folders, ingested, then trained with a shuffle buffer far below the
     split. Ingest's permutation puts every class in every shard, so the student learns (chance 10 %)."""
     root = tmp_path / "data"
-    for s, (split, per_class) in enumerate((("train", 24), ("val", 6), ("test", 6))):
+    for s, (split, per_class) in enumerate((("train", 16), ("val", 4), ("test", 2))):
         for c in range(CLASSES):
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True)
             for i in range(per_class):
                 (folder / f"img{i:02d}.png").write_bytes(_class_png(c, s * 10_000 + c * 100 + i))
-    cfg = load_pipeline(None, ["dataset=folders", f"ingest.source={root}", "ingest.shard_size=30"])
+    cfg = load_pipeline(None, ["dataset=folders", f"ingest.source={root}", "ingest.shard_size=20"])
     source, _ = ingest(cfg, tmp_path / "shards")
     assert split_mixing(source, "train").mixing > MIXING_THRESHOLD
 
@@ -248,11 +248,11 @@ def test_a_ce_student_learns_on_an_ingested_class_folder_set(tmp_path, caplog):
         "train.num_workers=0",
         "train.batch_size=16",
     ]
-    overrides += ["train.epochs=6", "train.lr=0.003", "train.warmup_steps=2", "train.shuffle_buffer=8"]
+    overrides += ["train.epochs=4", "train.lr=0.003", "train.warmup_steps=2", "train.shuffle_buffer=8"]
     with caplog.at_level(logging.WARNING):
         metrics = train(load_pipeline(None, overrides), tmp_path / "runs")
     assert "class-sorted" not in caplog.text
-    assert metrics["best"]["accuracy"] >= 0.5, metrics["history"]
+    assert metrics["best"]["accuracy"] >= 0.7, metrics["history"]  # chance: 0.1
 
 
 def test_train_warns_when_it_opens_a_class_sorted_set(sorted_set, tmp_path, caplog):
