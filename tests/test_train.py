@@ -47,6 +47,10 @@ def test_teacher_student_export_and_eval(shards, tmp_path, capsys):
     run = run_dir(cfg, out)
     assert run.name == "messy-latent-s0" and json.loads((run / "metrics.json").read_text())["steps"] == 4
     assert (run / "logs" / "metrics.jsonl").is_file() and (run / "export" / "README.md").is_file()
+    # MESSy's heads are kept beside the selected student (for analysis), never in the export
+    heads = load_file(str(run / "best" / "method.safetensors"))
+    assert heads and all(k.startswith("heads.") for k in heads)
+    assert not (run / "export" / "method.safetensors").exists()
     # the export is the plain student: same parameter count, no heads, same outputs as the selected weights
     model = load_student(run / "export")
     plain = build_student(cfg.student, 3, 32)
@@ -254,3 +258,27 @@ def test_early_stopping_on_val_keeps_the_best_and_resumes_no_further(shards, tmp
     assert again["steps"] == steps and again["stopped_early"]
     with pytest.raises(UserError, match="early_stop_patience"):
         train(tiny(shards, "train.early_stop_patience=-1"), tmp_path)
+
+
+def test_messy_heads_r2_probe(shards, tmp_path, capsys):
+    """synesthesia eval --heads scores a MESSy run's heads on val: one R² per layer and modality,
+    equal to 1 − mse ÷ target variance, and never above 1."""
+    out = tmp_path / "runs"
+    train(tiny(shards, "train.stage=teacher", "teacher.epochs=1"), out)
+    cfg = tiny(shards, "train.stage=student", "method.name=messy", "train.epochs=2")
+    train(cfg, out)
+    run = run_dir(cfg, out)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("name: pipeline\n")
+    assert main(["eval", str(pipeline), "--model", str(run), "--heads", "--split", "val"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "val" and result["target"] == "teacher"
+    layers = [f"l{i}/{m}" for i in (0, 1, 2) for m in ("depth", "audio")]
+    assert sorted(result["heads"]) == sorted(layers)
+    for head in result["heads"].values():
+        assert head["samples"] == 4 and head["r2"] <= 1.0
+        assert head["r2"] == pytest.approx(1.0 - head["mse"] / head["target_var"])
+    with pytest.raises(UserError, match="not a MESSy student run"):
+        from synesthesia.train.probe import messy_head_r2
+
+        messy_head_r2(run_dir(tiny(shards, "train.stage=teacher"), out))

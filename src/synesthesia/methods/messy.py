@@ -159,20 +159,16 @@ class Messy(Method):
             )
         return flat
 
-    def forward(
+    def head_outputs(
         self, student: StudentOutput, teacher: TeacherOutput | None, batch: dict
-    ) -> dict[str, torch.Tensor]:
-        ce = cross_entropy(student, batch, self.label_smoothing)
-        terms: dict[str, torch.Tensor] = {"ce": ce}
+    ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(layer, modality) → (the head's prediction, its stop-gradient target, the mask of samples
+        that have the modality or None): what the loss regresses, also read by the heads' R² probe
+        (:func:`synesthesia.train.probe.messy_head_r2`)."""
         if self.needs_teacher:
             teacher = self._require_teacher(teacher)
             teacher_depth = self.ctx.teacher_depth or len(teacher.hidden_states)
-            kd = distillation_kl(student.logits, teacher.logits, self.cfg.temperature)
-            terms["kd"] = kd
-            loss = self.cfg.alpha * ce + (1.0 - self.cfg.alpha) * kd
-        else:
-            loss = ce
-        total = ce.new_zeros(())
+        out = {}
         for layer in self.layers:
             feature = student.features[layer]
             for modality in self.ctx.modalities:
@@ -183,10 +179,29 @@ class Messy(Method):
                     mask = teacher.present.get(modality)
                 else:
                     target, mask = self._latent_target(batch, modality), None
-                term = masked_mse(prediction, target, mask)
-                terms[f"messy/l{layer}/{modality}"] = term
-                terms[f"messy_r2/l{layer}/{modality}"] = batch_r2(term, target, mask)
-                total = total + term
+                out[(layer, modality)] = (prediction, target, mask)
+        return out
+
+    def forward(
+        self, student: StudentOutput, teacher: TeacherOutput | None, batch: dict
+    ) -> dict[str, torch.Tensor]:
+        ce = cross_entropy(student, batch, self.label_smoothing)
+        terms: dict[str, torch.Tensor] = {"ce": ce}
+        if self.needs_teacher:
+            teacher = self._require_teacher(teacher)
+            kd = distillation_kl(student.logits, teacher.logits, self.cfg.temperature)
+            terms["kd"] = kd
+            loss = self.cfg.alpha * ce + (1.0 - self.cfg.alpha) * kd
+        else:
+            loss = ce
+        total = ce.new_zeros(())
+        for (layer, modality), (prediction, target, mask) in self.head_outputs(
+            student, teacher, batch
+        ).items():
+            term = masked_mse(prediction, target, mask)
+            terms[f"messy/l{layer}/{modality}"] = term
+            terms[f"messy_r2/l{layer}/{modality}"] = batch_r2(term, target, mask)
+            total = total + term
         terms["messy"] = total
         terms["loss"] = loss + self.weight * total
         return terms

@@ -163,7 +163,8 @@ def save_weights(model: torch.nn.Module, config: dict[str, Any], folder: Path) -
 
 
 def save_method_state(method: torch.nn.Module, folder: Path) -> None:
-    """A teacher objective's parameters and buffers as ``method.safetensors`` beside the teacher's weights."""
+    """A method's parameters and buffers (a teacher objective's, or a student method's such as MESSy's
+    heads) as ``method.safetensors`` beside the selected weights."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()}
     tmp = folder / ".method.safetensors.tmp"
@@ -175,7 +176,9 @@ def load_method_state(folder: Path) -> dict[str, torch.Tensor]:
     """What :func:`save_method_state` wrote; a UserError when ``folder`` has none."""
     path = folder / "method.safetensors"
     if not path.is_file():
-        raise UserError(f"{folder} has no method.safetensors (was it trained with a teacher objective?)")
+        raise UserError(
+            f"{folder} has no method.safetensors (was it trained with a method that has parameters?)"
+        )
     return load_file(str(path))
 
 

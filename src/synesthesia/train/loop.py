@@ -457,12 +457,17 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
     unwrapped = accelerator.unwrap_model(trainee)
     model = _unwrapped_model(unwrapped)  # the teacher or the student alone
     objective = unwrapped.method if isinstance(unwrapped, TeacherObjectiveTrainee) else None
+    # a student method's own modules (MESSy's heads) are kept beside the selected student, for
+    # analysis (benchmarks/probe_messy_heads.py: the heads' R² on val); the export never has them
+    student_method = unwrapped.method if isinstance(unwrapped, StudentTrainee) else None
+    if student_method is not None and not any(True for _ in student_method.parameters()):
+        student_method = None
     cuda = accelerator.device.type == "cuda"
 
     def save_best() -> None:
         save_weights(model, model_config, run / "best")
-        if objective is not None:
-            save_method_state(objective, run / "best")
+        if objective is not None or student_method is not None:
+            save_method_state(objective or student_method, run / "best")
 
     bar = tqdm(
         total=total_updates,
