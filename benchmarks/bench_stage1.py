@@ -73,7 +73,7 @@ from synesthesia.stage_one import (
     source_dir,
     source_tasks,
 )
-from synesthesia.stage_one_data import ShardBatches, read_shard_samples
+from synesthesia.stage_one.data import ShardBatches, read_shard_samples
 
 
 def _sync(device: torch.device) -> None:

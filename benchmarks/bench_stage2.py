@@ -72,9 +72,11 @@ from synesthesia.models.teacher import MultimodalTeacher
 from synesthesia.shards.schema import encode_json, encode_npy, latent_field
 from synesthesia.shards.writer import Manifest, SplitWriter
 from synesthesia.sources.signals import encode_png
-from synesthesia.train.data import build_loader, resolve_data
-from synesthesia.train.evaluate import privileged_inputs, to_device
-from synesthesia.train.loop import StudentTrainee, parameter_groups
+from synesthesia.train.build import parameter_groups
+from synesthesia.train.data import build_loader
+from synesthesia.train.evaluate import to_device
+from synesthesia.train.objectives import StudentTrainee, privileged_inputs
+from synesthesia.train.sidecars import resolve_data
 from synesthesia.utils import pick_device
 
 MODALITIES = ("depth", "audio", "lidar")

@@ -22,15 +22,15 @@ from synesthesia import UserError
 from synesthesia.generators.base import key_seed
 from synesthesia.shards.schema import decoded_field, encode_npy, latent_field
 from synesthesia.sources.signals import encode_png
-from synesthesia.train.data import (
+from synesthesia.train.samples import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SampleDecoder,
-    Sidecar,
     _rng,
     apply_geometry,
     augment_mode,
 )
+from synesthesia.train.sidecars import Sidecar
 
 SIZE = 32  # the RGB view's side
 SEED = 7

@@ -60,7 +60,7 @@ def test_hash_is_stable_and_sensitive():
 
 
 def test_legacy_bool_augment_still_reads():
-    """``train.augment`` was a bool: a run's written config with one still reads (train/data.py
+    """``train.augment`` was a bool: a run's written config with one still reads (train/samples.py
     takes true as rgb, false as none) and hashes unlike the new default, aligned."""
     written = to_dict(PipelineConfig())
     written["train"]["augment"] = True

@@ -13,7 +13,8 @@ from tests.stage2_shards import write_tiny_dataset
 
 from synesthesia import UserError
 from synesthesia.config import load_pipeline
-from synesthesia.train.data import batch_sizes, build_loader, rank_pieces, resolve_data, worker_pieces
+from synesthesia.train.data import batch_sizes, build_loader, rank_pieces, worker_pieces
+from synesthesia.train.sidecars import resolve_data
 
 
 @pytest.fixture(scope="module")

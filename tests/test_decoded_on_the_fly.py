@@ -29,9 +29,11 @@ from synesthesia.shards.schema import decode_npy
 from synesthesia.shards.writer import Manifest
 from synesthesia.stage_one import run_stage_one
 from synesthesia.train import default_run_name, teacher_dir, train
-from synesthesia.train.data import _rng, apply_geometry, build_loader, resolve_data
+from synesthesia.train.build import load_teacher
+from synesthesia.train.data import build_loader
 from synesthesia.train.evaluate import evaluate_model
-from synesthesia.train.loop import load_teacher
+from synesthesia.train.samples import _rng, apply_geometry
+from synesthesia.train.sidecars import resolve_data
 
 FLAGGED = "train_00002"  # its toy-s2 latent is NaN: stage one stores zeros and flags it
 

@@ -13,15 +13,8 @@ from synesthesia.config import MethodConfig, PipelineConfig, StudentConfig, Teac
 from synesthesia.methods.base import METHODS, MethodContext
 from synesthesia.methods.basis_realloc import BasisReallocation, grad_reverse
 from synesthesia.methods.cotrain import CoTrain
-from synesthesia.methods.modalimmune import (
-    ModalImmune,
-    corrupt,
-    modality_robustness,
-    neumann_series,
-    neumann_tail_bound,
-    stable_rank,
-    teacher_predict,
-)
+from synesthesia.methods.modalimmune import ModalImmune, neumann_series, neumann_tail_bound
+from synesthesia.methods.teacher_probes import corrupt, modality_robustness, stable_rank, teacher_predict
 from synesthesia.methods.tuned_kd import expand_grid, select_best
 from synesthesia.models.outputs import StudentOutput
 from synesthesia.models.students import Student
@@ -509,7 +502,8 @@ def tiny_shards(tmp_path_factory):
 def test_methods_train_on_shards_like_the_trainer(tiny_shards, name):
     """A few AdamW steps on the trainer's own batches: backward, after_backward, step; params move."""
     from synesthesia.config import load_pipeline
-    from synesthesia.train.data import build_loader, resolve_data
+    from synesthesia.train.data import build_loader
+    from synesthesia.train.sidecars import resolve_data
 
     cfg = load_pipeline(
         None,

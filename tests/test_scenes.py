@@ -25,8 +25,8 @@ from synesthesia.sources.scenes import (
     sample_scene,
     write_preview,
 )
-from synesthesia.sources.scenes_audio import impact_sound
-from synesthesia.sources.scenes_geometry import Primitive, cast
+from synesthesia.sources.scenes.audio import impact_sound
+from synesthesia.sources.scenes.geometry import Primitive, cast
 from synesthesia.sources.signals import decode_audio, decode_image
 
 TINY = [

@@ -31,7 +31,7 @@ from synesthesia.shards.schema import decode_npy
 from synesthesia.shards.verify import verify
 from synesthesia.shards.writer import Manifest
 from synesthesia.stage_one import StageOneIncomplete, decoded_dir, latent_dir, run_stage_one
-from synesthesia.stage_one_data import read_shard_samples
+from synesthesia.stage_one.data import read_shard_samples
 
 TESTS = Path(__file__).resolve().parent
 SET = "toy-conv-depth"

@@ -23,8 +23,8 @@ from synesthesia.config import load_pipeline
 from synesthesia.methods.basis_realloc import BasisReallocation
 from synesthesia.methods.modalimmune import ModalImmune
 from synesthesia.train import run_dir, teacher_dir, train
-from synesthesia.train.data import resolve_data
-from synesthesia.train.loop import load_teacher, load_teacher_objective
+from synesthesia.train.build import load_teacher, load_teacher_objective
+from synesthesia.train.sidecars import resolve_data
 
 TINY = [*TINY_TRAIN, "train.epochs=1", "train.log_with=jsonl"]
 CONDITIONS = {

@@ -20,7 +20,8 @@ from synesthesia.config import load_pipeline
 from synesthesia.models.students import build_student
 from synesthesia.models.teacher import MultimodalTeacher
 from synesthesia.train import load_student, run_dir, train
-from synesthesia.train.loop import early_stop_due, state_digest
+from synesthesia.train.checkpoint import state_digest
+from synesthesia.train.loop import early_stop_due
 
 TINY = TINY_TRAIN
 

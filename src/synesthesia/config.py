@@ -41,7 +41,7 @@ class ScenesConfig:
     # How much of the label (true size x material) RGB hides, in [0, 1]. Size: everything but
     # the target is scaled by (L / 0.6 m)^ambiguity, so apparent size goes as L^(1 - ambiguity);
     # material: colours are mixed with a draw shared by all materials in this proportion
-    # (0: colour and scale tell the label; 1: RGB holds neither). See sources/scenes.py.
+    # (0: colour and scale tell the label; 1: RGB holds neither). See sources/scenes/scene.py.
     ambiguity: float = 0.4
     clutter: int = 3  # at most this many background objects (1..clutter per scene)
     lidar_dropout: float = 0.05  # probability a return is lost (x3 on dark surfaces)
@@ -218,7 +218,7 @@ class TrainConfig:
     log_with: str = "jsonl"  # jsonl (local, <run>/logs) | tensorboard | wandb | ... | comma-separated | none
     # train images: aligned (random crop + flip, the image-aligned privileged inputs cropped and
     # flipped alike) | rgb (the RGB only) | none (the eval resize + centre crop); a legacy bool
-    # reads as rgb (true) or none (false). See train/data.py.
+    # reads as rgb (true) or none (false). See train/samples.py.
     augment: str | bool = "aligned"
     seed: int = 0
     shards: str = "shards"  # shard root: reads <shards>/<dataset>/source and its sidecars

@@ -33,112 +33,49 @@ The steps, each skipped when an earlier run left it complete:
 
 Every training run is ``synesthesia train PIPELINE <overrides> --out RUNS``;
 the row holds that command and the path of the run's resolved ``config.json``.
+
+This module is :class:`Ablation`, the steps in order. What each step draws on:
+:mod:`~synesthesia.ablate.grid` (the cells, results.jsonl),
+:mod:`~synesthesia.ablate.stage_one_sets` (step 2: a source's generators,
+overrides and sidecar sets), :mod:`~synesthesia.ablate.kd_tuning` (step 4),
+:mod:`~synesthesia.ablate.runs` (a training job, its finished metrics and loss
+curves), :mod:`~synesthesia.ablate.planning` (``--plan``: what is left, and an
+estimate of its time) and :mod:`~synesthesia.ablate.report` (step 6).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import shlex
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from synesthesia import UserError
+from synesthesia.ablate import planning
 from synesthesia.ablate.grid import SOURCES, Cell, append_row, expand, read_results, teacher_sources
-from synesthesia.config import (
-    GeneratorConfig,
-    MethodConfig,
-    PipelineConfig,
-    config_hash,
-    replace,
-    to_dict,
-    written_config,
+from synesthesia.ablate.kd_tuning import kd_grid, tune_kd, tune_seed
+from synesthesia.ablate.planning import Plan
+from synesthesia.ablate.runs import (
+    TIMING,
+    Job,
+    _acc,
+    _finished,
+    _logged_span,
+    loss_curves,
+    qualify,
+    training_hash,
 )
+from synesthesia.ablate.stage_one_sets import data_overrides, sidecar_dirs, stage_one_overrides
+from synesthesia.config import PipelineConfig, config_hash, replace
 from synesthesia.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 STAGE_ONE_LEDGER = "stage_one.json"
-TIMING = "ablate_time.json"  # written into each run folder by the ablation: wall seconds of train()
-# Start-up estimate, measured with the demo on a 2-core CPU (64x64 scenes, vit_tiny_scenes; a ce
-# student epoch over 1500 samples with its val pass over 1000 took 27 s); replaced by the measured
-# mean as runs finish.
-EST_STUDENT_S_PER_SAMPLE_EPOCH = 0.018
-EST_TEACHER_S_PER_SAMPLE_EPOCH = 0.0075
-EST_STAGE_ONE_S_PER_SAMPLE = 0.03
-EST_RUN_OVERHEAD_S = 10.0  # model build, accelerate, val and test evaluation, checkpoint, export
-CURVE_POINTS = 200  # loss curves kept in results.jsonl are thinned to about this many points
-
-
-# ----------------------------------------------------------------------------- what each source needs
-
-
-def source_generators(cfg: PipelineConfig, source: str) -> tuple[list[GeneratorConfig], bool]:
-    """The stage-one generators of a privileged source and whether stage one decodes (``decoded``)."""
-    if source == "none":
-        return [], False
-    if source in cfg.ablate.generators:
-        gens = list(cfg.ablate.generators[source])
-    elif source in ("latent", "decoded"):
-        gens = list(cfg.shard.generators)
-    else:  # real: the true paired signal, encoded by the pretrained TAEF2
-        gens = [GeneratorConfig(name="tae", modality=m) for m in cfg.train.modalities]
-    if not gens:
-        raise UserError(
-            f"privileged source {source!r} has no stage-one generator: set shard.generators "
-            f"or ablate.generators.{source}"
-        )
-    missing = sorted(set(cfg.train.modalities) - {g.modality for g in gens})
-    if missing:
-        raise UserError(
-            f"source {source!r}: no generator for modality {missing[0]} of train.modalities "
-            f"(set ablate.generators.{source})"
-        )
-    return gens, source == "decoded"
-
-
-def _set_name(g: GeneratorConfig) -> str:
-    from synesthesia.stage_one import set_name
-
-    return set_name(g)
-
-
-def stage_one_overrides(cfg: PipelineConfig, source: str) -> list[str]:
-    gens, decode = source_generators(cfg, source)
-    data = [{k: v for k, v in to_dict(g).items() if v not in (None, {})} for g in gens]
-    return [f"shard.generators={json.dumps(data, sort_keys=True)}", f"shard.decode={str(decode).lower()}"]
-
-
-def data_overrides(cfg: PipelineConfig, source: str) -> list[str]:
-    """``train.source`` and the sidecar sets it reads, named explicitly (no search among sets)."""
-    over = [f"train.source={source}"]
-    if source != "none":
-        gens, _ = source_generators(cfg, source)
-        sets = {g.modality: _set_name(g) for g in gens if g.modality in cfg.train.modalities}
-        over.append(f"train.latent_sets={json.dumps(sets, sort_keys=True)}")
-    return over
-
-
-def sidecar_dirs(cfg: PipelineConfig, shards: Path, source: str) -> list[Path]:
-    gens, decode = source_generators(cfg, source)
-    kind = "decoded" if decode else "latents"
-    return [shards / cfg.dataset / kind / _set_name(g) for g in gens]
-
-
-def kd_grid(cfg: PipelineConfig):
-    from synesthesia.methods.tuned_kd import expand_grid
-
-    options = {"alphas": list(cfg.ablate.kd_alphas), "temperatures": list(cfg.ablate.kd_temperatures)}
-    return expand_grid(MethodConfig(**{**to_dict(cfg.method), "name": "kd", "options": options}))
-
-
-def tune_seed(cfg: PipelineConfig) -> int:
-    seed = cfg.ablate.tune_seed
-    return cfg.ablate.seeds[0] if seed is None else seed
 
 
 def _check(cfg: PipelineConfig) -> list[Cell]:
@@ -169,109 +106,6 @@ def _check(cfg: PipelineConfig) -> list[Cell]:
     if "kd" in cfg.ablate.methods:
         kd_grid(cfg)
     return cells
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-@dataclass
-class Job:
-    """One training run: its name under ``<runs>/<pipeline name>/``, overrides and the command."""
-
-    name: str
-    overrides: list[str]
-    command: str
-    stage: str = "student"
-
-
-@dataclass
-class Plan:
-    cells: list[Cell]
-    teachers: list[str]
-    tune_runs: int
-    stage_one_sets: list[str]
-    todo_runs: int
-    estimate_s: float
-    lines: list[str] = field(default_factory=list)
-
-
-def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
-    """Overrides with a bare key (``seeds=[0]``) written in full (``ablate.seeds=[0]``), as the CLI reads them."""
-    import dataclasses
-
-    top = {f.name for f in dataclasses.fields(PipelineConfig)}
-    out = []
-    for text in overrides:
-        key = text.split("=", 1)[0]
-        out.append(f"{section}.{text}" if "." not in key and key not in top else text)
-    return out
-
-
-def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
-    """The config hash of what a training run depends on: everything but the ``ablate`` section.
-
-    A written config (a dict) is read by this version first (fields added since take their
-    defaults: :func:`~synesthesia.config.written_config`); None when it no longer reads.
-    """
-    if not isinstance(cfg, PipelineConfig):
-        cfg = written_config(cfg)
-        if cfg is None:
-            return None
-    data = to_dict(cfg)
-    data.pop("ablate", None)
-    return config_hash(data)
-
-
-def _finished(run: Path) -> dict[str, Any] | None:
-    path = run / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    return metrics if (metrics.get("test") or {}).get("accuracy") is not None else None
-
-
-def _acc(metrics: dict[str, Any], key: str) -> float:
-    value = (metrics.get(key) or {}).get("accuracy")
-    return float("nan") if value is None else float(value)
-
-
-def _log_lines(run: Path) -> list[dict[str, Any]]:
-    path = run / "logs" / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def loss_curves(run: Path, points: int = CURVE_POINTS) -> dict[str, list[float]]:
-    """``loss`` and every ``messy/l<layer>/<modality>`` term from ``<run>/logs/metrics.jsonl``.
-
-    A run restarted from scratch appended to the same log: the last value per step wins.
-    Long curves are thinned (every k-th step) to about ``points`` values.
-    """
-    by_step: dict[str, dict[int, float]] = {}
-    for row in _log_lines(run):
-        step = row.get("step")
-        if step is None:
-            continue
-        for key, value in row.items():
-            if key == "train/loss" or key.startswith("train/messy/"):
-                by_step.setdefault(key.removeprefix("train/"), {})[int(step)] = float(value)
-    curves = {}
-    for term, values in by_step.items():
-        ordered = [values[s] for s in sorted(values)]
-        stride = max(1, math.ceil(len(ordered) / points))
-        curves[term] = ordered[::stride]
-    return curves
-
-
-def _logged_span(run: Path) -> float:
-    times = [float(r["time"]) for r in _log_lines(run) if "time" in r]
-    return max(times) - min(times) if len(times) > 1 else float("nan")
 
 
 class Ablation:
@@ -344,61 +178,7 @@ class Ablation:
 
     def plan(self) -> Plan:
         """What the grid holds, what is still to do and how long that should take (before any work)."""
-        from synesthesia.shards.writer import Manifest
-
-        done = read_results(self.out)
-        counts: dict[str, int] = {}
-        src = self.shards / self.cfg.dataset / "source"
-        if self.cfg.dataset == "scenes":  # what the render step will leave, whatever is there now
-            sc = self.cfg.scenes
-            counts = {"train": sc.num_train, "val": sc.num_val, "test": sc.num_test}
-        elif (src / "manifest.json").is_file():
-            manifest = Manifest.read(src)
-            counts = {s: manifest.count(s) for s in manifest.splits}
-        n_train = counts.get("train", 0)
-        n_all = sum(counts.get(s, 0) for s in self.cfg.shard.splits)
-        t_cfg = replace(self.cfg, self.cfg.ablate.teacher_overrides)
-        t_epochs = t_cfg.teacher.epochs or t_cfg.train.epochs
-        student_s = EST_RUN_OVERHEAD_S + EST_STUDENT_S_PER_SAMPLE_EPOCH * n_train * self.cfg.train.epochs
-        teacher_s = EST_RUN_OVERHEAD_S + EST_TEACHER_S_PER_SAMPLE_EPOCH * n_train * t_epochs
-
-        sets, estimate = [], 0.0
-        for source in self.sources:
-            for d in sidecar_dirs(self.cfg, self.shards, source):
-                sets.append(str(d.relative_to(self.shards)))
-                if not (d / "manifest.json").is_file():
-                    estimate += EST_STAGE_ONE_S_PER_SAMPLE * n_all
-        teachers_todo = [s for s in self.sources if _finished(self.teacher_run(s)) is None]
-        estimate += teacher_s * len(teachers_todo)
-        tune_todo = 0
-        if self.tuned:
-            for source in self.sources:
-                tune_todo += sum(1 for g in self.grid if self.tune_cell_name(source, g) not in done)
-        todo_cells = [c for c in self.cells if c.name not in done]
-        # the KD cell at the tune seed is one of the tuning runs
-        todo_students = tune_todo + sum(
-            1 for c in todo_cells if not (self.tuned and c.method == "kd" and c.seed == tune_seed(self.cfg))
-        )
-        estimate += student_s * todo_students
-        tune_runs = len(self.grid) * len(self.sources) if self.tuned else 0
-        lines = [
-            f"ablation {self.cfg.name}: {len(self.cells)} cells ({', '.join(self.cfg.ablate.methods)} × "
-            f"sources {', '.join(self.sources) or 'none'} × seeds {', '.join(map(str, self.cfg.ablate.seeds))}; "
-            "ce runs with source none)",
-            f"  + {len(self.sources)} teacher(s), {len(sets)} stage-one set(s), "
-            + (
-                f"{tune_runs} KD tuning runs ({len(self.grid)} α×T settings per source at seed "
-                f"{tune_seed(self.cfg)}, one of them reused as that seed's KD cell)"
-                if self.tuned
-                else "no KD tuning"
-            ),
-            f"  to do: {len(todo_cells)} of {len(self.cells)} cells, {len(teachers_todo)} teacher(s), "
-            f"{tune_todo} tuning run(s) — {todo_students + len(teachers_todo)} training runs, "
-            f"estimate {estimate / 60:.0f} min on a 2-core CPU (~{student_s:.0f} s per student run)",
-        ]
-        return Plan(
-            self.cells, self.sources, tune_runs, sets, todo_students + len(teachers_todo), estimate, lines
-        )
+        return planning.plan(self)
 
     # -- steps
 
@@ -561,7 +341,7 @@ class Ablation:
         tuning: dict[str, dict[str, Any]] = {}
         if "kd" in self.cfg.ablate.methods:
             for source in self.sources:
-                selected[source], tuning[source] = self._tune_kd(source, done, costs, teachers, tick)
+                selected[source], tuning[source] = tune_kd(self, source, done, costs, teachers, tick)
             atomic_write_text(
                 self.out / "kd_selection.json", json.dumps(tuning, indent=2, sort_keys=True) + "\n"
             )
@@ -591,64 +371,6 @@ class Ablation:
         path = self.report()
         logger.info("ablation %s: %s (%.1f min)", self.cfg.name, path, (time.perf_counter() - start) / 60)
         return path
-
-    def _tune_kd(self, source, done, costs, teachers, tick):
-        """Train (or reuse) the α × T grid at the tune seed; pick the best val accuracy."""
-        from synesthesia.methods.tuned_kd import select_best
-
-        seed = tune_seed(self.cfg)
-        if not self.tuned:
-            g = self.grid[0]
-            return g, {
-                "selected": g.name,
-                "alpha": g.alpha,
-                "temperature": g.temperature,
-                "runs": 0,
-                "seconds": 0.0,
-            }
-        rows = []
-        for g in self.grid:
-            name = self.tune_cell_name(source, g)
-            if name not in done:
-                job = self.student_job("kd", source, seed, g)
-                fresh = _finished(self.runs / self.cfg.name / job.name) is None
-                result = self.run_job(job)
-                row = self._row(job, result, curves=False)
-                row.update(costs[source])
-                row.update(teachers[source])
-                full = {
-                    "cell": name,
-                    "method": "kd",
-                    "source": source,
-                    "seed": seed,
-                    "role": "tune",
-                    "kd_alpha": g.alpha,
-                    "kd_temperature": g.temperature,
-                    "grid_cell": g.name,
-                    **row,
-                }
-                done[name] = append_row(self.out, full)
-                if fresh:
-                    tick(job.name)
-            rows.append({**done[name], "cell": g.name})
-        selection = select_best(self.grid, rows, metric="val_acc")
-        best = selection.best
-        logger.info(
-            "KD tuning (%s): α=%g, T=%g selected on val (%.2f %%)",
-            source,
-            best.alpha,
-            best.temperature,
-            100 * selection.summary[best.name]["mean"],
-        )
-        return best, {
-            "selected": best.name,
-            "alpha": best.alpha,
-            "temperature": best.temperature,
-            "runs": len(rows),
-            "seconds": sum(float(r["train_seconds"]) for r in rows if not math.isnan(r["train_seconds"])),
-            "val_acc": {g: s["mean"] for g, s in selection.summary.items()},
-            "seed": seed,
-        }
 
     def report(self) -> Path:
         """summary.md and the plots from results.jsonl."""

@@ -46,28 +46,35 @@ generator in order (output s uses draws s·N … s·N + N − 1), so N = 1 repro
 exactly the non-ensembled latents. The default is the folder's ``ensemble``
 (bootstrap models; 1 when absent and for Marigold folders). ``decode()`` (the VAE decoder, plus the inverse modality
 mapping for bootstrap models) exists only for the decode-encode ablation.
+
+This module is the registered generator. It draws on
+:mod:`~synesthesia.generators.diffusers_folder` (finding, reading and hashing
+the folder), :mod:`~synesthesia.generators.latent_codecs` (the frozen VAEs
+behind ``E``) and :mod:`~synesthesia.generators.diffusion_sampling` (the
+scheduler and the sampling loop).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from synesthesia import UserError
 from synesthesia.generators.base import GENERATORS, Generator, LatentSpec, check_common, key_generators
+from synesthesia.generators.diffusers_folder import MODEL_INDEX, _read_json, folder_sha256, resolve_folder
+from synesthesia.generators.diffusion_sampling import draw_latents, load_scheduler
+from synesthesia.generators.latent_codecs import (
+    LatentCodec,  # noqa: F401  (synesthesia.bootstrap reads it here)
+    TAECodec,
+    load_diffusers_vae,
+)
 
 logger = logging.getLogger(__name__)
 
-MODEL_INDEX = "model_index.json"
 BOOTSTRAP_CLASS = "SynesthesiaLatentDiffusion"
 # Marigold pipeline class -> the modality it predicts.
 MARIGOLD_CLASSES = {
@@ -75,240 +82,6 @@ MARIGOLD_CLASSES = {
     "MarigoldNormalsPipeline": "normals",
     "MarigoldIntrinsicsPipeline": "intrinsics",
 }
-# Schedulers a folder may name; each is loaded with from_pretrained from its subfolder.
-SCHEDULERS = (
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "LCMScheduler",
-    "EulerDiscreteScheduler",
-    "FlowMatchEulerDiscreteScheduler",
-)
-
-
-# ----------------------------------------------------------------------------- frozen VAEs
-
-
-class LatentCodec(nn.Module):
-    """A frozen image autoencoder behind one interface: images in [0, 1] ↔ (scaled) latents."""
-
-    latent_channels: int
-    downscale: int
-    scaling_factor: float = 1.0
-    shift_factor: float = 0.0
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class TAECodec(LatentCodec):
-    """The project's pretrained TAEF2: 3×H×W in [0, 1] → 32×H/8×W/8, scaling factor 1."""
-
-    latent_channels = 32
-    downscale = 8
-
-    def __init__(self, weights: str | None = None):
-        super().__init__()
-        from synesthesia.generators.tae import load_taef2
-
-        self.encoder, self.decoder = load_taef2(weights)
-        self.requires_grad_(False).eval()
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        return self.encoder(image)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latent).clamp(0, 1)
-
-    def describe(self) -> dict[str, Any]:
-        return {"vae": "tae"}
-
-
-class DiffusersVAECodec(LatentCodec):
-    """A diffusers autoencoder (AutoencoderKL, AutoencoderTiny): RGB in [-1, 1], as Stable Diffusion and Marigold.
-
-    The latent is the posterior mode (``latent_dist.mode()``, or ``latents`` for
-    AutoencoderTiny), shifted and scaled: (mode − shift) · scaling_factor.
-    """
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae.requires_grad_(False).eval()
-        config = vae.config
-        self.latent_channels = int(config.latent_channels)
-        blocks = getattr(config, "block_out_channels", None) or getattr(
-            config, "encoder_block_out_channels", ()
-        )
-        self.downscale = 2 ** (len(blocks) - 1)
-        self.scaling_factor = float(getattr(config, "scaling_factor", 1.0) or 1.0)
-        self.shift_factor = float(getattr(config, "shift_factor", 0.0) or 0.0)
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.vae.encode(image * 2 - 1)
-        latent = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
-        return (latent - self.shift_factor) * self.scaling_factor
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        image = self.vae.decode(latent / self.scaling_factor + self.shift_factor).sample
-        return ((image + 1) / 2).clamp(0, 1)
-
-    def describe(self) -> dict[str, Any]:
-        return {"vae": "vae", "vae_class": type(self.vae).__name__}
-
-
-def load_diffusers_vae(folder: Path) -> DiffusersVAECodec:
-    import diffusers
-
-    config = _read_json(folder / "config.json")
-    cls_name = config.get("_class_name", "AutoencoderKL")
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not cls_name.startswith("Autoencoder"):
-        raise UserError(f"{folder}: {cls_name!r} is not a diffusers autoencoder")
-    return DiffusersVAECodec(cls.from_pretrained(folder, use_safetensors=True))
-
-
-# ----------------------------------------------------------------------------- folders
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
-
-
-def resolve_folder(weights: str | Path | None) -> Path:
-    """A local diffusers-format folder, or a hub id fetched by huggingface_hub (cached / online only)."""
-    if not weights:
-        raise UserError(
-            "latent-diffusion needs weights: a Marigold checkpoint folder or a `synesthesia bootstrap` model folder"
-        )
-    path = Path(weights).expanduser()
-    if path.is_dir():
-        if not (path / MODEL_INDEX).is_file():
-            raise UserError(f"{path} has no {MODEL_INDEX}: not a diffusers pipeline folder")
-        return path
-    if path.exists() or str(weights).count("/") != 1:
-        raise UserError(f"latent-diffusion weights {weights} is not a folder")
-    offline = bool(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("SYNESTHESIA_OFFLINE"))
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(weights), local_files_only=offline))
-    except Exception as exc:
-        raise UserError(
-            f"cannot load {weights} ({exc.__class__.__name__}); download it first, e.g. "
-            f"`huggingface-cli download {weights} --local-dir DIR`, and pass weights=DIR"
-        ) from None
-
-
-def load_scheduler(folder: Path):
-    """The scheduler saved in ``folder`` (its ``scheduler_config.json`` names the class)."""
-    import diffusers
-
-    config = _read_json(folder / "scheduler_config.json")
-    name = config.get("_class_name")
-    if name not in SCHEDULERS:
-        raise UserError(f"{folder}: scheduler {name!r} is not supported; valid: {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, name).from_pretrained(folder)
-
-
-def folder_sha256(folder: Path) -> str:
-    """One sha256 over every weight and config file of a model folder (not its README or quality.json)."""
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if (
-            path.is_file()
-            and path.suffix in (".safetensors", ".json", ".txt")
-            and path.name != "quality.json"
-        ):
-            from synesthesia.utils import sha256_file
-
-            h.update(f"{path.relative_to(folder).as_posix()}:{sha256_file(path)}\n".encode())
-    return h.hexdigest()
-
-
-def is_flow_scheduler(scheduler) -> bool:
-    return type(scheduler).__name__.startswith("FlowMatch")
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def initial_noise(
-    shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """One N(0, I) draw per row from its own CPU generator (rows of one key share one generator)."""
-    rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
-    return torch.stack(rows).to(device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def sample_latents(
-    denoise,
-    scheduler,
-    cond: torch.Tensor,
-    noise: torch.Tensor,
-    num_inference_steps: int,
-    generators: list[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """Run ``scheduler`` from ``noise`` to the final latent: z ← step(denoise(cond, z, t), t, z).
-
-    ``denoise(cond, z_t, t)`` returns the model output the scheduler expects
-    (ε, x₀ or v for DDPM-family schedulers, the velocity for flow matching). A
-    DDIM scheduler with ``set_alpha_to_one`` returns the x₀ prediction at its
-    last step, so the result is the model's clean latent, not a noisy one.
-    """
-    scheduler.set_timesteps(num_inference_steps, device=cond.device)
-    latent = noise
-    if hasattr(scheduler, "init_noise_sigma") and not is_flow_scheduler(scheduler):
-        latent = latent * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_input = (
-            scheduler.scale_model_input(latent, t) if hasattr(scheduler, "scale_model_input") else latent
-        )
-        output = denoise(cond, model_input, t)
-        kwargs = {}
-        if generators is not None and "generator" in _step_params(scheduler):
-            kwargs["generator"] = generators
-        latent = scheduler.step(output, t, latent, **kwargs).prev_sample
-    return latent
-
-
-@torch.no_grad()
-def draw_latents(
-    denoise,
-    scheduler,
-    cond: torch.Tensor,
-    generators: list[torch.Generator],
-    target_shape: tuple[int, ...],
-    num_inference_steps: int,
-    draws: int = 1,
-) -> torch.Tensor:
-    """``draws`` samples per row of ``cond`` (B×C×h×w) → B·draws latents, row-major (row b: b·draws …).
-
-    Row b's draws all take their noise, in order, from ``generators[b]`` (one
-    per key, seeded by ``key_seed``), so draw d of a key is the same whatever the
-    batch and whatever the total number of draws: the stage-one generator and the
-    bootstrap quality report share this function and therefore the samples.
-    """
-    cond = cond.repeat_interleave(draws, dim=0)
-    rows = [g for g in generators for _ in range(draws)]
-    noise = initial_noise(tuple(target_shape), rows, cond.device, cond.dtype)
-    return sample_latents(denoise, scheduler, cond, noise, num_inference_steps, rows)
-
-
-def _step_params(scheduler) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(scheduler.step).parameters)
 
 
 # ----------------------------------------------------------------------------- the generator

@@ -2,7 +2,9 @@
 
 Each module is imported here explicitly, which registers its method (no star
 imports): ``ce``, ``kd``, ``hallucination``, ``messy``, ``cotrain``,
-``modalimmune`` and ``basis-realloc``.
+``modalimmune`` and ``basis-realloc``. Beside them, no method of their own:
+``base`` (the interface and the registry), ``teacher_probes`` (what the teacher
+objectives and the teacher evaluation share) and ``tuned_kd`` (the KD α × T grid).
 """
 
 from synesthesia.config import MethodConfig

@@ -66,7 +66,7 @@ Here, as a teacher objective (``stage = "teacher"``):
 
 ``predict`` returns the fusion head's logits with substitution
 (``predict_with: teacher`` for the teacher's own); ``diagnostics`` reports the
-teacher-level collapse diagnostics of :func:`~synesthesia.methods.modalimmune.teacher_diagnostics`
+teacher-level collapse diagnostics of :func:`~synesthesia.methods.teacher_probes.teacher_diagnostics`
 plus, in the fusion head, each modality's contribution (CE increase when its
 decoded feature is replaced by the batch mean), its share of the first fusion
 layer's weight norm (the basis it is allocated), and the stable rank of g_i.
@@ -83,7 +83,7 @@ from torch import nn
 from synesthesia import UserError
 from synesthesia.config import MethodConfig
 from synesthesia.methods.base import METHODS, Method, MethodContext, check_options, distillation_kl
-from synesthesia.methods.modalimmune import (
+from synesthesia.methods.teacher_probes import (
     eval_mode,
     stable_rank,
     teacher_diagnostics,

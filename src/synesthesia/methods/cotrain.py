@@ -241,7 +241,7 @@ class CoTrain(Method):
 
     def multimodal(self, student: StudentOutput, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The multimodal branch: (logits, last block's CLS attention over all tokens, number of RGB tokens)."""
-        latents = batch.get("decoded") or batch.get("latents") or {}  # as train.evaluate.privileged_inputs
+        latents = batch.get("decoded") or batch.get("latents") or {}  # as train.objectives.privileged_inputs
         missing = [m for m in self.modalities if m not in latents]
         if missing:
             raise UserError(

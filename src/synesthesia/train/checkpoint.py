@@ -18,6 +18,7 @@ Resuming reads ``checkpoints/latest``; folder names are never parsed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from synesthesia import UserError
 from synesthesia.utils import atomic_write_text
@@ -199,3 +201,12 @@ def load_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     if not weights.is_file() or not config.is_file():
         raise UserError(f"{folder} has no model.safetensors and model.json (is it a finished run?)")
     return load_file(str(weights)), json.loads(config.read_text())
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 over a module's state dict (names and bytes, in order): equal iff the weights are equal."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

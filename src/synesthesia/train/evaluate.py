@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from synesthesia.train.data import ShardLoader
+from synesthesia.train.objectives import privileged_inputs
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -33,11 +34,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def privileged_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """What the teacher gets beside RGB: the decoded signals when present, else the latents."""
-    return batch.get("decoded") or batch.get("latents") or {}
 
 
 @torch.no_grad()
@@ -95,7 +91,7 @@ def teacher_predictors(teacher: torch.nn.Module, missing: bool = False) -> dict[
 
 def objective_predictors(teacher: torch.nn.Module, objective, missing: bool = False) -> dict[str, Callable]:
     """As :func:`teacher_predictors`, through a teacher objective's ``predict(teacher, batch)``."""
-    from synesthesia.methods.modalimmune import privileged, with_privileged
+    from synesthesia.methods.teacher_probes import privileged, with_privileged
 
     out = {"all": lambda batch: objective.predict(teacher, batch)}
     if missing:
@@ -116,16 +112,16 @@ def robustness_report(teacher: torch.nn.Module, objective, loader: ShardLoader, 
     ``robustness``: top-1 under ``full``, ``removed/<m>``, ``corrupted/<m>``
     (Gaussian noise with the batch's mean and std), ``shuffled/<m>`` (another
     sample's real input) and ``removed/all``
-    (:func:`~synesthesia.methods.modalimmune.modality_robustness`, seeded),
+    (:func:`~synesthesia.methods.teacher_probes.modality_robustness`, seeded),
     averaged over ranks by sample count. ``diagnostics``: the objective's
-    ``diagnostics`` (else :func:`~synesthesia.methods.modalimmune.teacher_diagnostics`)
+    ``diagnostics`` (else :func:`~synesthesia.methods.teacher_probes.teacher_diagnostics`)
     on the first batch this process reads: per-modality contribution (CE
     without m − CE with all), accuracy without m, stable rank of each
     modality's pooled tokens and stable/effective rank of the fused CLS features.
     """
     from accelerate.utils import gather_object
 
-    from synesthesia.methods.modalimmune import modality_robustness, teacher_diagnostics, teacher_predict
+    from synesthesia.methods.teacher_probes import modality_robustness, teacher_diagnostics, teacher_predict
 
     inner = (lambda b: objective.predict(teacher, b)) if objective is not None else teacher_predict(teacher)
 
@@ -170,10 +166,11 @@ def evaluate_model(cfg, path, split: str = "test") -> dict[str, Any]:
 
     from synesthesia import UserError
     from synesthesia.config import replace
+    from synesthesia.train.build import load_teacher_objective, use_cpu
     from synesthesia.train.checkpoint import load_weights
-    from synesthesia.train.data import build_loader, resolve_data
+    from synesthesia.train.data import build_loader
     from synesthesia.train.export import load_student
-    from synesthesia.train.loop import use_cpu
+    from synesthesia.train.sidecars import resolve_data
 
     path = Path(path)
     accelerator = Accelerator(cpu=use_cpu(cfg.train.device), mixed_precision=cfg.train.precision)
@@ -182,8 +179,6 @@ def evaluate_model(cfg, path, split: str = "test") -> dict[str, Any]:
         _, config = load_weights(path / "best")
         if config.get("kind") != "teacher":
             raise UserError(f"{path} is a {config.get('kind')} run without an export folder")
-        from synesthesia.train.loop import load_teacher_objective
-
         model, objective = load_teacher_objective(path)
         modalities = json.dumps(list(model.modalities))
         overrides = [f"train.source={config['source']}", f"train.modalities={modalities}"]

@@ -69,10 +69,11 @@ def messy_head_r2(run: str | Path, split: str = "val", shards: str | None = None
     """The heads' R² of MESSy run ``run`` on ``split`` (see the module docstring); ``shards``
     overrides the shard root the run was trained on."""
     from synesthesia.config import replace, written_config
+    from synesthesia.train.build import build_models
     from synesthesia.train.checkpoint import load_method_state, load_weights
-    from synesthesia.train.data import build_loader, resolve_data
-    from synesthesia.train.evaluate import privileged_inputs
-    from synesthesia.train.loop import build_models
+    from synesthesia.train.data import build_loader
+    from synesthesia.train.objectives import privileged_inputs
+    from synesthesia.train.sidecars import resolve_data
 
     run = Path(run)
     written = run / "config.json"

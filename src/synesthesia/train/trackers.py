@@ -63,3 +63,19 @@ def build_trackers(log_with: str, logging_dir: Path) -> list[Any]:
             )
         out.append(JSONLTracker("synesthesia", logging_dir) if name == "jsonl" else name)
     return out
+
+
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config flattened to ``a.b: scalar`` pairs (what trackers accept as hyperparameters)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{name}."))
+        elif isinstance(value, list | tuple):
+            out[name] = json.dumps(value)
+        elif value is None or isinstance(value, bool | int | float | str):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out

@@ -1,11 +1,19 @@
-"""Stage one, bookkeeping side: cache keys, set folders, channel statistics and the manifest.
+"""Stage one, bookkeeping side: channel statistics, merged timings and the manifest of a finished set.
 
-Everything here is a pure function of files on disk and the configuration, so
-a set that was interrupted (even by SIGKILL) and then completed gets the same
-``cache_key.json`` and ``manifest.json``, byte for byte, as an uninterrupted
-run. Wall-clock timings can never be byte-identical, so they go to
-``throughput.json`` beside the manifest, which names that file in
-``extra.throughput``.
+- :class:`ChannelStats`, :func:`channel_axis` - per-channel mean and std of the train latents, float64
+  sums accumulated in shard order;
+- :func:`scan_set` - re-read a set in shard order: re-hash, sample counts, flagged keys, statistics,
+  missing shards; :func:`stored_shape` - the shape of one stored sample (a decoded set's
+  ``extra.shape``);
+- :func:`_merge_reports`, :func:`write_throughput` - every process's timings merged into one report,
+  written to ``throughput.json``;
+- :func:`build_manifest`, :func:`_finalize` - main process: each set's ``manifest.json``, written last
+  and atomically, only when every shard exists.
+
+Everything in the manifest is a pure function of files on disk and the configuration, so a set that
+was interrupted (even by SIGKILL) and then completed gets the same ``manifest.json``, byte for byte, as
+an uninterrupted run. Wall-clock timings can never be byte-identical, so they go to ``throughput.json``
+beside the manifest, which names that file in ``extra.throughput``.
 """
 
 from __future__ import annotations
@@ -19,87 +27,16 @@ from typing import Any
 import numpy as np
 
 from synesthesia import UserError
-from synesthesia.shards.schema import MANIFEST, SCHEMA_VERSION, SchemaError, decode_npy
+from synesthesia.config import config_hash as hash_config
+from synesthesia.config import to_dict
+from synesthesia.shards.schema import SCHEMA_VERSION, SchemaError, decode_npy, decoded_field, latent_field
 from synesthesia.shards.writer import Manifest, ShardInfo
-from synesthesia.stage_one_data import read_shard_samples
-from synesthesia.utils import atomic_write_text, sha256_bytes
+from synesthesia.stage_one.cache import cache_key
+from synesthesia.stage_one.data import read_shard_samples
+from synesthesia.stage_one.paths import THROUGHPUT, flag_field, set_name
+from synesthesia.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-CACHE_KEY = "cache_key.json"
-THROUGHPUT = "throughput.json"
-
-
-# ----------------------------------------------------------------------------- cache key
-
-
-def canonical_json(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def cache_key(material: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of everything a set's bytes depend on."""
-    return sha256_bytes(canonical_json(material).encode())
-
-
-def _differences(old: Any, new: Any, prefix: str = "", depth: int = 0) -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict) and depth < 2:
-        out = []
-        for k in sorted(set(old) | set(new)):
-            path = f"{prefix}.{k}" if prefix else str(k)
-            if k not in old or k not in new:
-                out.append(path)
-            else:
-                out.extend(_differences(old[k], new[k], path, depth + 1))
-        return out
-    return [] if canonical_json(old) == canonical_json(new) else [prefix or "everything"]
-
-
-def check_set(directory: Path, key: str, material: dict[str, Any], overwrite: bool) -> str:
-    """What to do with a set folder: ``fresh``, ``resume`` or ``replace`` (UserError on a mismatch).
-
-    A folder whose ``cache_key.json`` matches is resumed (complete shards are
-    kept). A different key, or shards without a key, is refused unless
-    ``overwrite``, which replaces the set.
-    """
-    key_file = directory / CACHE_KEY
-    existing = json.loads(key_file.read_text()) if key_file.is_file() else None
-    has_content = directory.is_dir() and (any(directory.glob("*.tar")) or (directory / MANIFEST).exists())
-    if overwrite and (existing is not None or has_content):
-        return "replace"
-    if existing is None:
-        if has_content:
-            raise UserError(
-                f"{directory} holds shards with no {CACHE_KEY} (unknown origin); pass --overwrite to replace them"
-            )
-        return "fresh"
-    if existing.get("cache_key") != key:
-        changed = _differences(existing.get("material", {}), material) or ["cache key"]
-        raise UserError(
-            f"{directory} was made with a different {', '.join(changed[:4])}; pass --overwrite to replace it"
-        )
-    return "resume"
-
-
-def prepare_set(directory: Path, key: str, material: dict[str, Any], action: str) -> None:
-    """Main process only: delete a replaced set, drop stale temporaries, write ``cache_key.json``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if action == "replace":
-        logger.warning("--overwrite: deleting the old set in %s", directory)
-        for name in (MANIFEST, THROUGHPUT):
-            (directory / name).unlink(missing_ok=True)
-        for path in sorted(directory.glob("*.tar")):
-            path.unlink()
-        (directory / CACHE_KEY).unlink(missing_ok=True)
-    for path in sorted(directory.glob(".*.tmp")):  # left behind by a killed run
-        path.unlink(missing_ok=True)
-    for path in sorted(directory.glob(".throughput-rank-*.json")):
-        path.unlink(missing_ok=True)
-    if action in ("fresh", "replace"):
-        payload = {"cache_key": key, "material": material}
-        atomic_write_text(
-            directory / CACHE_KEY, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
-        )
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -242,3 +179,95 @@ def build_manifest(
         extra=extra,
         schema_version=SCHEMA_VERSION,
     )
+
+
+def _merge_reports(reports: list[dict[str, Any]], skipped: int, settings: dict[str, Any]) -> dict[str, Any]:
+    shards = sorted((s for r in reports for s in r["shards"]), key=lambda s: (s["split"], s["shard"]))
+    keys = ("read_s", "infer_s", "decode_s", "write_s", "wait_s", "write_wait_s")
+    samples = sum(r["total"]["samples"] for r in reports)
+    wall = max((r["total"]["wall_s"] for r in reports), default=0.0)
+    return {
+        "num_processes": len(reports),
+        **settings,
+        "skipped_complete_shards": skipped,
+        "failures": [f for r in reports for f in r["failures"]],
+        "total": {
+            "samples": samples,
+            "shards": len(shards),
+            "wall_s": wall,
+            "samples_per_s": round(samples / wall, 3) if wall > 0 else 0.0,
+            **{k: round(sum(r["total"][k] for r in reports), 6) for k in keys},
+        },
+        "ranks": [{"rank": i, **r["total"]} for i, r in enumerate(reports)],
+        "shards": shards,
+    }
+
+
+def _finalize(cfg, gcfg, source, splits, identity, mode, spec, spec_dict, material, dirs) -> bool:
+    """Main process: write each set's manifest if every shard exists. Returns whether all are complete."""
+    generator_info = {
+        **identity,
+        "name": gcfg.name,
+        "modality": gcfg.modality,
+        "mode": mode,
+    }
+    config = {"dataset": cfg.dataset, "generator": to_dict(gcfg), "stage_one": material["stage_one"]}
+    complete = True
+    for directory, mat in dirs:
+        kind = mat["kind"]
+        if kind == "latent":
+            field_name = latent_field(gcfg.modality)
+
+            def axis(array, _nd=len(spec.shape)):
+                return channel_axis(spec.kind, _nd, array.ndim)
+
+            stats_axis = axis if spec.kind != "codes" else False
+        else:
+            field_name = decoded_field(gcfg.modality)
+
+            def stats_axis(array):
+                return None
+
+        infos, flagged, counts, stats, missing = scan_set(
+            directory, source, splits, field_name, flag_field(gcfg.modality), stats_axis
+        )
+        if missing:
+            logger.error(
+                "%s: %d shard(s) missing (%s); no manifest written",
+                directory,
+                len(missing),
+                ", ".join(missing[:5]),
+            )
+            complete = False
+            continue
+        extra = {
+            "set_name": set_name(gcfg),
+            "modality": gcfg.modality,
+            "field": field_name,
+            "flag_field": flag_field(gcfg.modality),
+            "flagged": flagged,
+            "flag_counts": dict(sorted(counts.items())),
+            "cache_key": cache_key(mat),
+            "source": {"path": "../../source", "config_hash": source.config_hash},
+            "throughput": THROUGHPUT,
+        }
+        if kind == "decoded":
+            extra["decoded_from"] = f"../../latents/{set_name(gcfg)}"
+            extra["shape"] = stored_shape(directory, infos, field_name)
+        manifest = build_manifest(
+            kind=kind,
+            dataset=cfg.dataset,
+            splits=infos,
+            generator=generator_info,
+            latent_spec=spec_dict,
+            channel_stats=stats,
+            preprocessing=identity.get("preprocessing"),
+            config=config,
+            config_hash=hash_config(config),
+            extra=extra,
+        )
+        manifest.write(directory)
+        logger.info(
+            "%s: manifest written (%s)", directory, ", ".join(f"{k} {manifest.count(k)}" for k in infos)
+        )
+    return complete

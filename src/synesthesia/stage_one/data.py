@@ -20,6 +20,14 @@ on the shard's final batch, which is yielded only after the shard's sha256 and
 sample count were checked against the source manifest; ``read_s`` seconds spent
 reading and preprocessing; ``error`` a one-line message (and nothing else) when
 the shard could not be read - the consumer then discards that shard.
+
+- :class:`ShardTask` - one source shard to turn into sidecar shards (picklable);
+- :class:`ShardBatches` - the ``IterableDataset`` of those batches; worker *w* of
+  *W* reads tasks *w*, *w+W*, …;
+- :func:`iter_tar_samples`, :func:`read_shard_samples` - the samples of a tar
+  (and, read in one pass, its sha256 and size), also used to re-read written sets;
+- :class:`SourceShardError` - a source shard that fails (the other shards go on);
+- ``BAD_INPUT``, ``NONFINITE`` - the flag reasons a sample can carry.
 """
 
 from __future__ import annotations

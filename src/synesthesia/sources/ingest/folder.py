@@ -1,0 +1,114 @@
+"""Image folders with paired signal files: ``FolderSource``.
+
+Layout ::
+
+    ROOT/[split/]class/.../stem.(png|jpg|jpeg)
+    ROOT/depth/[split/]class/.../stem.npy           H×W float depth in metres
+    ROOT/audio/[split/]class/.../stem.(wav|flac)     any rate; resampled, stored as 16-bit FLAC
+    ROOT/lidar/[split/]class/.../stem.(npy|bin)      beams×azimuth range image, or a KITTI Velodyne scan
+
+``split`` is ``train``, ``val`` (or ``validation``/``valid``) or ``test``; the
+top-level folders ``depth``, ``audio`` and ``lidar`` hold the paired signals of
+the image with the same relative path and stem (they are not classes). The
+class is the first folder below the split; hidden files and folders are ignored. The sample key is the relative path
+without extension, sanitised (``sanitise_key``). Images are listed once, in
+sorted path order; their bytes and signals are read lazily, when written.
+Names that are not valid UTF-8 and images outside a class folder become
+bad items (skipped and counted by the writer).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from synesthesia import UserError
+from synesthesia.shards.schema import SchemaError
+from synesthesia.sources.ingest.items import SIGNAL_SUFFIXES, SPLIT_ALIASES, Item, sanitise_key
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _utf8(name: str, origin: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SchemaError(f"{origin!r}: file name is not valid UTF-8", "non_utf8_name") from None
+
+
+class FolderSource:
+    """``ROOT/[split/]class/.../stem.(png|jpg|jpeg)`` with paired signals in ``ROOT/<modality>/`` (see module doc)."""
+
+    format = "folder"
+
+    def __init__(self, root: Path):
+        self.root = root
+        tops = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and p.name not in SIGNAL_SUFFIXES and not p.name.startswith(".")
+        )
+        split_dirs = [t for t in tops if t in SPLIT_ALIASES]
+        if split_dirs and len(split_dirs) != len(tops):
+            others = [t for t in tops if t not in SPLIT_ALIASES]
+            raise UserError(
+                f"{root} mixes split folders ({', '.join(split_dirs)}) with other folders ({', '.join(others[:3])});"
+                " use ROOT/split/class/... or ROOT/class/..."
+            )
+        self.has_splits = bool(split_dirs)
+        if not tops:
+            raise UserError(f"{root} has no class folders; the layout is ROOT/[split/]class/image.png")
+
+    def _images(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """(relative path, its parts) of every image file, sorted, skipping the signal folders."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel_dir = Path(dirpath).relative_to(self.root)
+            if rel_dir.parts and rel_dir.parts[0] in SIGNAL_SUFFIXES:
+                dirnames[:] = []
+                continue
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                found.append(rel_dir.parts + (name,))
+        for parts in sorted(found, key=lambda p: [os.fsencode(x) for x in p]):
+            yield "/".join(parts), parts
+
+    def items(self, warn: bool = True) -> Iterator[Item]:
+        for rel, parts in self._images():
+            split = SPLIT_ALIASES[parts[0]] if self.has_splits else "train"
+            body = parts[1:] if self.has_splits else parts
+            try:
+                _utf8(rel, rel)
+            except SchemaError as exc:
+                yield Item(
+                    key="", split=split, label=None, origin=rel.encode("utf-8", "replace").decode(), error=exc
+                )
+                continue
+            if len(body) < 2:
+                err = SchemaError(f"{rel}: an image must lie in a class folder", "no_class")
+                yield Item(key="", split=split, label=None, origin=rel, error=err)
+                continue
+            stem_parts = [*parts[:-1], Path(parts[-1]).stem]
+            yield Item(
+                key=sanitise_key(stem_parts),
+                split=split,
+                label=body[0],
+                origin=rel,
+                load=lambda parts=parts: self._load(parts),
+            )
+
+    def _load(self, parts: tuple[str, ...]) -> tuple[bytes, dict[str, tuple[bytes, str]]]:
+        image = (self.root.joinpath(*parts)).read_bytes()
+        signals = {}
+        stem = Path(parts[-1]).stem
+        for modality, suffixes in SIGNAL_SUFFIXES.items():
+            folder = self.root.joinpath(modality, *parts[:-1])
+            for suffix in suffixes:
+                candidate = folder / f"{stem}{suffix}"
+                if candidate.is_file():
+                    signals[modality] = (candidate.read_bytes(), suffix)
+                    break
+        return image, signals
