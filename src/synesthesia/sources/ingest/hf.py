@@ -80,8 +80,12 @@ class HFSource:
         if not self.splits:
             raise UserError(f"{spec}: no train/val/test split")
         features = next(iter(self.splits.values())).features
-        self.image_column = self._image_column(features, image_field, spec)
-        self.label_column = self._label_column(features, label_field, spec)
+        self.image_column = self._find_column(
+            features, image_field, spec, datasets.Image, HF_IMAGE_COLUMNS, "image_field"
+        )
+        self.label_column = self._find_column(
+            features, label_field, spec, datasets.ClassLabel, HF_LABEL_COLUMNS, "label_field"
+        )
         label_feature = features[self.label_column]
         self.class_names = (
             list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
@@ -94,39 +98,24 @@ class HFSource:
             self.splits[name] = ds
 
     @staticmethod
-    def _image_column(features: Any, configured: str, spec: str) -> str:
-        import datasets
-
+    def _find_column(
+        features: Any, configured: str, spec: str, feature_type: type, names, option: str
+    ) -> str:
+        """The configured column, else the first of ``feature_type`` (``datasets.Image`` or
+        ``ClassLabel``), else the first of the usual ``names``."""
         if configured != "auto":
             if configured not in features:
                 raise UserError(f"{spec}: no column {configured!r}; columns: {', '.join(features)}")
             return configured
         for name, feature in features.items():
-            if isinstance(feature, datasets.Image):
+            if isinstance(feature, feature_type):
                 return name
-        for name in HF_IMAGE_COLUMNS:
+        for name in names:
             if name in features:
                 return name
+        what = option.split("_")[0]
         raise UserError(
-            f"{spec}: no image column found; set ingest.image_field (columns: {', '.join(features)})"
-        )
-
-    @staticmethod
-    def _label_column(features: Any, configured: str, spec: str) -> str:
-        import datasets
-
-        if configured != "auto":
-            if configured not in features:
-                raise UserError(f"{spec}: no column {configured!r}; columns: {', '.join(features)}")
-            return configured
-        for name, feature in features.items():
-            if isinstance(feature, datasets.ClassLabel):
-                return name
-        for name in HF_LABEL_COLUMNS:
-            if name in features:
-                return name
-        raise UserError(
-            f"{spec}: no label column found; set ingest.label_field (columns: {', '.join(features)})"
+            f"{spec}: no {what} column found; set ingest.{option} (columns: {', '.join(features)})"
         )
 
     def items(self, warn: bool = True) -> Iterator[Item]:
