@@ -1,0 +1,59 @@
+"""Typed pipeline configuration: YAML (safe_load) → frozen dataclasses, with key=value overrides.
+
+A pipeline file is a YAML mapping whose top-level keys are the sections below.
+Every section is a frozen dataclass; unknown keys are errors that name the valid
+ones, and values are type-checked. Overrides use dotted paths
+(``train.lr=1e-3``, ``shard.generators.0.batch_size=8``); a bare key is looked up
+in the section of the verb being run (``synesthesia train p.yaml stage=teacher``).
+
+Modules: ``sections`` (the dataclasses), ``building`` (dict ↔ dataclass, the
+config hash), ``loading`` (YAML files, overrides, the written config). Every
+name below is importable from ``synesthesia.config``.
+"""
+
+from synesthesia.config.building import build, config_hash, to_dict, written_config
+from synesthesia.config.loading import (
+    apply_overrides,
+    load_pipeline,
+    load_yaml,
+    parse_override,
+    replace,
+    write_resolved,
+)
+from synesthesia.config.sections import (
+    AblateConfig,
+    BootstrapConfig,
+    GeneratorConfig,
+    IngestConfig,
+    MethodConfig,
+    PipelineConfig,
+    ScenesConfig,
+    ShardConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AblateConfig",
+    "BootstrapConfig",
+    "GeneratorConfig",
+    "IngestConfig",
+    "MethodConfig",
+    "PipelineConfig",
+    "ScenesConfig",
+    "ShardConfig",
+    "StudentConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "build",
+    "config_hash",
+    "load_pipeline",
+    "load_yaml",
+    "parse_override",
+    "replace",
+    "to_dict",
+    "write_resolved",
+    "written_config",
+]

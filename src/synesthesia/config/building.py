@@ -1,0 +1,122 @@
+"""Dicts ↔ config dataclasses: type-checked building, plain dicts back, and the config hash.
+
+:func:`build` checks every value against its field's annotation (nested
+dataclasses, lists, dicts, optionals, unions) and rejects unknown keys, naming
+the valid ones; :func:`to_dict` is its inverse; :func:`config_hash` hashes a
+config's canonical JSON (what run folders and stage-one caches key on);
+:func:`written_config` reads a run's written ``config.json`` back, or None when
+it no longer builds under this version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any, Union
+
+from synesthesia import UserError
+from synesthesia.config.sections import PipelineConfig
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0] if args else Any, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    raise UserError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are UserErrors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(
+            f"unknown key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain-JSON form of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(data: Any) -> str:
+    """A short stable hash of any JSON-able config (dataclass or mapping)."""
+    if dataclasses.is_dataclass(data):
+        data = to_dict(data)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def written_config(data: dict[str, Any]) -> PipelineConfig | None:
+    """A pipeline config as a run wrote it (its config.json ``config``), read by this version:
+    fields added since take their defaults, so a run stays the same config when a new option
+    keeps the old behaviour by default; None when it no longer reads (a field was removed)."""
+    try:
+        return build(PipelineConfig, dict(data))
+    except (UserError, TypeError, ValueError):
+        return None
