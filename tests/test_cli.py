@@ -87,3 +87,18 @@ def test_parser_builds_every_verb():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "verb")
     assert set(sub.choices) == set(VERBS)
+
+
+def test_overrides_may_follow_options(capsys):
+    """``key=value`` overrides after an option still count, in order; anything else stays an error."""
+    from synesthesia.cli import parse_args
+
+    parser = build_parser()
+    args = parse_args(parser, ["shard", "p.yaml", "a.b=1", "--out", "o", "--no-progress", "c=2", "d.e=[x]"])
+    assert (args.pipeline, args.out, args.no_progress) == ("p.yaml", "o", True)
+    assert args.overrides == ["a.b=1", "c=2", "d.e=[x]"]
+    for stray in (["--nope"], ["plain"]):
+        with pytest.raises(SystemExit) as info:
+            parse_args(parser, ["shard", "p.yaml", "--out", "o", *stray])
+        assert info.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err

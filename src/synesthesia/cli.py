@@ -53,11 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, with ``key=value`` overrides accepted after options too
+    (``synesthesia shard p.yaml --out x train.lr=1e-3``): argparse stops filling the
+    ``overrides`` positional at the first option, so what it leaves over is appended."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from synesthesia.utils import setup_logging
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.verb is None:
         parser.print_help()
         return 2
