@@ -102,3 +102,14 @@ def test_overrides_may_follow_options(capsys):
             parse_args(parser, ["shard", "p.yaml", "--out", "o", *stray])
         assert info.value.code == 2
         assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--workers", "-1"], ["--workers", "x"], ["--preview-count", "100000"]])
+def test_numeric_options_are_bounded(tmp_path, capsys, option):
+    """A numeric option out of range is argparse's one-line usage error (exit 2), never a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(["render", "--out", str(tmp_path / "out"), *option, "pipelines/demo.yaml"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"argument {option[0]}" in err
+    assert not (tmp_path / "out").exists()

@@ -249,18 +249,18 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, caplog):
 def test_config_mistakes_are_user_errors(tmp_path):
     root = _image_folder(tmp_path / "data", classes=1, per_class=2)
     cases = [
-        (_cfg(""), "no ingest source"),
-        (_cfg(tmp_path / "nowhere"), "not found"),
-        (_cfg(root, "t", "ingest.format=zip"), "unknown ingest.format"),
-        (_cfg(root, "t", "ingest.val_fraction=1.5"), "val_fraction"),
-        (_cfg(root, "t", "ingest.val_fraction=0.6", "ingest.test_fraction=0.5"), "below 1"),
-        (_cfg(root, "t", "ingest.shard_size=0"), "shard_size"),
-        (_cfg(root, "../evil"), "dataset name"),
-        (_cfg(tmp_path / "nowhere-{0..3}.tar"), "shard not found"),
+        (lambda: _cfg(""), "no ingest source"),
+        (lambda: _cfg(tmp_path / "nowhere"), "not found"),
+        (lambda: _cfg(root, "t", "ingest.format=zip"), "unknown ingest.format"),
+        (lambda: _cfg(root, "t", "ingest.val_fraction=1.5"), "val_fraction"),
+        (lambda: _cfg(root, "t", "ingest.val_fraction=0.6", "ingest.test_fraction=0.5"), "below 1"),
+        (lambda: _cfg(root, "t", "ingest.shard_size=0"), "shard_size"),
+        (lambda: _cfg(root, "../evil"), "dataset name"),
+        (lambda: _cfg(tmp_path / "nowhere-{0..3}.tar"), "shard not found"),
     ]
-    for cfg, match in cases:
+    for make, match in cases:  # refused when the config is loaded or when ingest checks it
         with pytest.raises(UserError, match=match):
-            ingest(cfg, tmp_path / "out")
+            ingest(make(), tmp_path / "out")
     mixed = _image_folder(tmp_path / "mixed", classes=1, per_class=1, split="train")
     (mixed / "cats").mkdir()
     with pytest.raises(UserError, match="mixes split folders"):
@@ -290,7 +290,7 @@ def _write_wds(path: Path, n: int, offset: int = 0, with_depth: bool = False) ->
         for i in range(n):
             sample = {"__key__": f"dir/s{offset + i:03d}", "jpg": _png(offset + i, fmt="JPEG"), "cls": i % 2}
             if with_depth:
-                sample["depth.npy"] = np.full((4, 4), i, np.float32)
+                sample["depth.npy"] = np.full((16, 16), i, np.float32)  # the image's H×W
             sink.write(sample)
 
 
@@ -347,7 +347,7 @@ def test_ingest_hf_saved_and_parquet(tmp_path):
         {
             "img": datasets.Image(),
             "fine": datasets.ClassLabel(names=["ant", "bee", "cat"]),
-            "depth": datasets.Array2D((4, 4), "float32"),
+            "depth": datasets.Array2D((16, 16), "float32"),  # the image's H×W
         }
     )
 
@@ -356,7 +356,7 @@ def test_ingest_hf_saved_and_parquet(tmp_path):
             {
                 "img": [{"bytes": _png(seed + i), "path": None} for i in range(n)],
                 "fine": [i % 3 for i in range(n)],
-                "depth": [np.full((4, 4), i, np.float32) for i in range(n)],
+                "depth": [np.full((16, 16), i, np.float32) for i in range(n)],
             },
             features=features,
         )
@@ -373,7 +373,7 @@ def test_ingest_hf_saved_and_parquet(tmp_path):
     assert [test[f"test-{i:08d}"]["cls"] for i in range(3)] == [b"0", b"1", b"2"]
     assert test["test-00000001"]["rgb.png"] == _png(51)
     np.testing.assert_array_equal(
-        decode_npy(test["test-00000002"]["depth.npy"]), np.full((4, 4), 2, np.float32)
+        decode_npy(test["test-00000002"]["depth.npy"]), np.full((16, 16), 2, np.float32)
     )
 
     pq = tmp_path / "pq"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -247,7 +248,7 @@ def test_early_stop_rule():
     assert not early_stop_due([], {}, 3)
 
 
-def test_early_stopping_on_val_keeps_the_best_and_resumes_no_further(shards, tmp_path):
+def test_early_stopping_on_val_keeps_the_best_and_resumes_no_further(shards, tmp_path, caplog):
     # lr 0: val accuracy never beats epoch 0, so patience 2 ends the run after epoch 2 of 6
     overrides = ["train.source=none", "train.epochs=6", "train.lr=0", "train.early_stop_patience=2"]
     cfg = tiny(shards, "train.stage=student", "method.name=ce", *overrides)
@@ -255,8 +256,17 @@ def test_early_stopping_on_val_keeps_the_best_and_resumes_no_further(shards, tmp
     assert metrics["stopped_early"] and metrics["epochs_trained"] == 3 and len(metrics["history"]) == 3
     assert metrics["best"]["epoch"] == 0 and metrics["epochs"] == 6
     steps = metrics["steps"]
-    again = train(cfg, tmp_path, resume="latest")  # the stopped run is finished: nothing more is trained
+    # the stopped run is finished: nothing more is trained; its config.json lacks an option added
+    # since (read with its default), which is the same config: no "differs" warning
+    config_json = metrics["run"] + "/config.json"
+    written = json.loads(Path(config_json).read_text())
+    del written["config"]["train"]["verify"]
+    written["config_hash"] = "from-an-older-version"
+    Path(config_json).write_text(json.dumps(written))
+    with caplog.at_level(logging.WARNING, logger="synesthesia"):
+        again = train(cfg, tmp_path, resume="latest")
     assert again["steps"] == steps and again["stopped_early"]
+    assert "differs from its config.json" not in caplog.text
     with pytest.raises(UserError, match="early_stop_patience"):
         train(tiny(shards, "train.early_stop_patience=-1"), tmp_path)
 

@@ -40,6 +40,21 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, out_default: str | N
         parser.add_argument("--out", default=out_default, help=f"output root (default: {out_default})")
 
 
+def int_in(low: int, high: int):
+    """An argparse ``type``: an integer in [low, high] (else argparse's one-line error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high}]")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synesthesia", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"synesthesia {__version__}")

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, hashing, logging, devices, shared-resource lookup."""
+"""Small shared helpers: atomic writes, hashing, logging, devices, shared-resource lookup, and
+:func:`check_name` (a config string used as one folder name under ``--out``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,34 @@ from pathlib import Path
 from synesthesia import UserError
 
 logger = logging.getLogger("synesthesia")
+
+
+MAX_NAME_BYTES = 200  # a folder name, with room for suffixes under the usual 255-byte limit
+
+
+def check_name(value: str, key: str) -> str:
+    """``value`` as a single folder name (a dataset, pipeline, run or set name), or a UserError.
+
+    Such names are joined under ``--out``, so one that is empty, ``.`` or ``..``, holds a ``/``,
+    ``\\``, NUL or control character, starts with ``-`` or is over 200 bytes long could write
+    elsewhere (or be read as an option): it is refused, naming ``key``.
+    """
+    if not isinstance(value, str) or not value:
+        problem = "is empty"
+    elif value in (".", ".."):
+        problem = "names the current or parent folder"
+    elif "/" in value or "\\" in value:
+        problem = "holds a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        problem = "holds a control character"
+    elif value.startswith("-"):
+        problem = "starts with '-'"
+    elif len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        problem = f"is over {MAX_NAME_BYTES} bytes long"
+    else:
+        return value
+    shown = value if len(value) <= 60 else value[:60] + "..."
+    raise UserError(f"{key} {shown!r} {problem}; it must be one plain folder name")
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -15,7 +15,11 @@ from synesthesia.shards.verify import describe, find_sets, verify
 
 def add_arguments(parser):
     parser.add_argument("path", help="a shard set folder, or a dataset root holding several")
-    parser.add_argument("--verify", action="store_true", help="re-hash every shard against its manifest")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash and re-count every shard against its manifest (exit 1 when any differs)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from synesthesia.cli import add_pipeline_arguments
+from synesthesia.cli import add_pipeline_arguments, int_in
 from synesthesia.config import load_pipeline
 
 logger = logging.getLogger("synesthesia.render")
@@ -21,7 +21,7 @@ def add_arguments(parser):
     add_pipeline_arguments(parser, out_default="shards")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=int_in(0, 1024),
         default=None,
         help="rendering processes (default: scenes.workers; 0 = one per core)",
     )
@@ -33,7 +33,7 @@ def add_arguments(parser):
         help="also write a grid of samples: RGB, depth, LiDAR, spectrogram",
     )
     parser.add_argument(
-        "--preview-count", type=int, default=8, help="samples in the preview grid (default: 8)"
+        "--preview-count", type=int_in(1, 256), default=8, help="samples in the preview grid (default: 8)"
     )
 
 

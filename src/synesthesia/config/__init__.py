@@ -7,11 +7,13 @@ ones, and values are type-checked. Overrides use dotted paths
 in the section of the verb being run (``synesthesia train p.yaml stage=teacher``).
 
 Modules: ``sections`` (the dataclasses), ``building`` (dict ↔ dataclass, the
-config hash), ``loading`` (YAML files, overrides, the written config). Every
-name below is importable from ``synesthesia.config``.
+config hash), ``checks`` (every number's bounds, the names that become folders),
+``loading`` (YAML files, overrides, the written config). Every name below is
+importable from ``synesthesia.config``.
 """
 
 from synesthesia.config.building import build, config_hash, to_dict, written_config
+from synesthesia.config.checks import BOUNDS, check_pipeline, check_section
 from synesthesia.config.loading import (
     apply_overrides,
     load_pipeline,
@@ -35,6 +37,7 @@ from synesthesia.config.sections import (
 )
 
 __all__ = [
+    "BOUNDS",
     "AblateConfig",
     "BootstrapConfig",
     "GeneratorConfig",
@@ -48,6 +51,8 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "build",
+    "check_pipeline",
+    "check_section",
     "config_hash",
     "load_pipeline",
     "load_yaml",

@@ -86,7 +86,7 @@ def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are UserErrors."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)  # YAML keys may be numbers, dates, None
     if unknown:
         prefix = f"{where}." if where else ""
         raise UserError(

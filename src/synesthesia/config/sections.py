@@ -217,6 +217,7 @@ class TrainConfig:
     # (source=decoded with decoded_from=latents: <stage or method>-decoded-latents-s<seed>)
     run_name: str = ""
     on_error: str = "warn"  # bad samples: warn | skip | raise
+    verify: str = "size"  # size (each shard's bytes and existence, when opened) | full (also sha256)
     record_keys: bool = False  # audit: write every sample key seen, per rank and epoch, to <run>/keys/
     device: str = "auto"  # auto (an accelerator if there is one, else CPU) | cpu | cuda
 

@@ -185,7 +185,7 @@ def _from_manifest(manifest: Manifest, split: str) -> SplitMixing | None:
             mixing=None if entry["mixing"] is None else float(entry["mixing"]),
             origin="manifest",
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
 
 

@@ -2,18 +2,29 @@
 
 Sidecars are aligned shard for shard and key for key with their source; a key
 or count mismatch is a clear error naming the set, the shard and the key.
+
+``iter_shard`` reads one tar (plain or gzip) itself, grouping consecutive members
+by key as webdataset does, and checks what tar readers take on trust: a tar
+must end in its end-of-archive marker (zero blocks) right after its last
+member, so one cut inside a header, or at a member boundary, or holding a
+corrupt header is reported (``TruncatedTarError``) instead of read as a shorter
+tar; a member that claims more bytes than the file holds is truncation, not a
+huge read. A field repeated under one key starts a new sample with that key,
+so the caller sees (and reports) a duplicate key.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import stat
+import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
-
-import webdataset as wds
 
 from synesthesia import UserError
 from synesthesia.shards.writer import Manifest
@@ -49,32 +60,135 @@ class ShardMismatchError(UserError):
     """A sidecar set that is not aligned with its source set."""
 
 
+class TruncatedTarError(tarfile.ReadError):
+    """A tar that does not end in its end-of-archive marker after its last member: cut short or corrupt."""
+
+
+class OversizedMemberError(tarfile.ReadError):
+    """A tar member larger than the reader's cap (its bytes are not read)."""
+
+
+# webdataset's grouping: ``dir/key.field.ext`` → (``dir/key``, ``field.ext``); metadata members skipped.
+_KEY_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+_BLOCK = 512
+
+
 def shard_paths(directory: str | Path, split: str) -> list[Path]:
     """The shards of ``split`` in a set, in order, as listed by its manifest."""
     manifest = Manifest.read(directory)
     return [Path(directory) / info.name for info in manifest.splits.get(split, [])]
 
 
-def iter_shard(path: str | Path, handler: ErrorPolicy | None = None) -> Iterator[dict[str, Any]]:
+def iter_shard(
+    path: str | Path,
+    handler: ErrorPolicy | Callable[[BaseException], Any] | None = None,
+    max_member_bytes: int | None = None,
+) -> Iterator[dict[str, Any]]:
     """The raw samples (``__key__`` and ``field -> bytes``) of one tar shard, in order.
 
-    The caller chose this shard, so no node or worker splitter runs: webdataset's
-    defaults (``single_node_only``, ``split_by_worker``) would refuse to run under
-    ``torch.distributed`` or hand this one shard to DataLoader worker 0 only.
+    Consecutive members ``<key>.<field>`` form a sample (field names lowercased).
+    A tar that cannot be opened or read on (truncated data, a corrupt header, no
+    end-of-archive marker: ``TruncatedTarError``) goes to ``handler`` once and
+    ends the shard; the sample being read when it broke is dropped, since its
+    remaining fields may be lost. With ``max_member_bytes``, a larger member is
+    not read: it goes to ``handler`` (``OversizedMemberError``) and its sample
+    is dropped. Only a regular file is opened (a FIFO or a device is an error).
     """
     handler = handler or ErrorPolicy("raise")
-    dataset = wds.WebDataset(
-        str(path),
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=None,
-        handler=handler,
-        empty_check=False,
-    )
-    for sample in dataset:
-        sample.pop("__url__", None)
-        sample.pop("__local_path__", None)
+    try:
+        fh = _open_regular(path)
+    except (OSError, tarfile.TarError) as exc:
+        handler(exc)
+        return
+    with fh:
+        yield from _tar_samples(fh, str(path), handler, max_member_bytes)
+
+
+def _open_regular(path: str | Path):
+    """``path`` opened for reading if it is a regular file; never blocks on a FIFO."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise tarfile.ReadError(f"{path}: not a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise tarfile.ReadError(f"{path}: not a regular file")
+    return fh
+
+
+def _tar_samples(
+    fh, name: str, handler: Callable[[BaseException], Any], max_member_bytes: int | None
+) -> Iterator[dict[str, Any]]:
+    size = os.fstat(fh.fileno()).st_size
+    sample: dict[str, Any] | None = None
+    bad_sample = False  # the sample being read lost a member (too large)
+    try:
+        tar = tarfile.open(fileobj=fh, mode="r:*")  # noqa: SIM115 - closed by the with below
+    except (tarfile.TarError, EOFError):
+        handler(tarfile.ReadError(f"{name}: not a readable tar (empty, corrupt or not a tar)"))
+        return
+    plain = tar.fileobj is fh  # uncompressed: offsets are file offsets
+    with tar:
+        try:
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                tar.members = []  # stream: keep no member list
+                if plain and member.offset_data + member.size > size:
+                    raise TruncatedTarError(
+                        f"{name}: member {member.name!r} claims {member.size} bytes past the end of the file"
+                    )
+                match = _KEY_FIELD.match(member.name)
+                if not member.isreg() or match is None or _META.match(member.name):
+                    continue
+                key, field = match.group(1), match.group(2).lower()
+                if field.startswith("__"):  # would shadow __key__
+                    continue
+                if sample is None or key != sample["__key__"] or field in sample:
+                    if sample is not None and not bad_sample:
+                        yield sample
+                    sample, bad_sample = {"__key__": key}, False
+                if max_member_bytes is not None and member.size > max_member_bytes:
+                    bad_sample = True
+                    sample[field] = b""
+                    handler(
+                        OversizedMemberError(
+                            f"{name}: member {member.name!r} of {member.size} bytes is over the"
+                            f" {max_member_bytes}-byte cap"
+                        )
+                    )
+                    continue
+                extracted = tar.extractfile(member)
+                sample[field] = extracted.read() if extracted is not None else b""
+            _check_end(tar, name, size if plain else None)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            if isinstance(exc, OversizedMemberError):
+                raise  # the handler raised it (policy raise): do not report it twice
+            if not isinstance(exc, tarfile.ReadError):
+                exc = TruncatedTarError(f"{name}: unreadable ({exc.__class__.__name__}: {exc})")
+            elif not str(exc).startswith(name):
+                exc = exc.__class__(f"{name}: {exc}")
+            handler(exc)
+            return
+    if sample is not None and not bad_sample:
         yield sample
+
+
+def _check_end(tar: tarfile.TarFile, name: str, size: int | None) -> None:
+    """Raise TruncatedTarError unless the bytes after the last member start with the end-of-archive
+    marker (zero blocks; a cut inside the marker itself loses nothing)."""
+    fileobj = tar.fileobj
+    fileobj.seek(tar.offset)
+    rest = fileobj.read(2 * _BLOCK)
+    if not rest:
+        raise TruncatedTarError(
+            f"{name}: ends right after a member with no end-of-archive marker (cut short at a member boundary?)"
+        )
+    if rest.strip(b"\0"):
+        where = f"at byte {tar.offset}" + (f" of {size}" if size is not None else "")
+        raise TruncatedTarError(f"{name}: truncated or corrupt header {where}")
 
 
 def iter_aligned_shard(

@@ -7,16 +7,27 @@ paired signals: ``depth.npy`` (H×W float32 metres), ``audio.flac`` (mono),
 ``lidar_intensity.npy`` (beams×azimuth float32 in [0, 1]). A latent sidecar
 sample holds the same ``__key__`` and ``<modality>.latent.npy``; a decoded
 sidecar holds ``<modality>.decoded.npy``.
+
+Every JSON file read from a set (a manifest, a cache key) goes through
+:func:`read_json_file`: a regular file, of bounded size and nesting, one-line
+errors naming it. :func:`check_shard_name` is the only shard name a manifest
+may list: ``<split>-NNNNNN.tar``, a plain file name in the set's own folder.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import re
+import stat
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from synesthesia import UserError
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test", "paired")
@@ -31,6 +42,11 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 # A tar member is ``<key>.<field>``; USTAR names hold 100 bytes and fields such as
 # ``lidar_intensity.npy`` or ``depth.latent.npy`` need room, so keys stop at 80.
 MAX_KEY_LENGTH = 80
+
+# JSON files read from a shard set (written by someone else, perhaps downloaded) are hostile
+# until bounded: a manifest of a million shards is ~200 MB less than this cap allows.
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32
 
 
 class SchemaError(ValueError):
@@ -58,6 +74,78 @@ def check_key(key: str) -> str:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def check_shard_name(name: Any, split: str, index: int) -> str:
+    """``name`` if it is shard ``index`` of ``split`` as we write it (``train-000003.tar``).
+
+    A manifest must never choose where files land: a name with a folder, an absolute
+    path or ``..`` - or any other name - raises SchemaError.
+    """
+    expected = shard_name(split, index)
+    if name == expected:
+        return name
+    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..") or "\0" in name:
+        raise SchemaError(f"shard {str(name)[:60]!r} is not a plain shard name ({expected})", "bad_name")
+    raise SchemaError(f"shard {name[:60]!r} is listed where {expected} belongs", "bad_name")
+
+
+def read_json_file(
+    path: str | Path, what: str = "JSON", max_bytes: int | None = None, max_depth: int | None = None
+) -> Any:
+    """The JSON in ``path``, read as hostile input: a regular file (not a FIFO or device) of at
+    most ``max_bytes`` (:data:`MAX_JSON_BYTES`), UTF-8 JSON without NaN or infinities, nested at
+    most ``max_depth`` (:data:`MAX_JSON_DEPTH`) levels. Anything else is a one-line UserError
+    naming the file (``what`` says what it should have been: ``unreadable manifest``)."""
+    path = Path(path)
+    max_bytes = MAX_JSON_BYTES if max_bytes is None else max_bytes
+    max_depth = MAX_JSON_DEPTH if max_depth is None else max_depth
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise UserError(f"{path}: not a regular file")
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise UserError(f"{path}: unreadable ({exc.strerror or exc.__class__.__name__})") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{path}: larger than {max_bytes} bytes; not a file this tool writes")
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested deeper than {max_depth} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable {what} ({exc.__class__.__name__}: {str(exc)[:80]})") from None
+    if json_depth(value) > max_depth:
+        raise UserError(f"{path}: JSON nested deeper than {max_depth} levels")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def json_depth(value: Any) -> int:
+    """How many containers deep ``value`` (parsed JSON) nests, found without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def latent_field(modality: str) -> str:
@@ -102,7 +190,14 @@ def encode_json(obj: Any) -> bytes:
 
 
 def decode_json(data: bytes) -> Any:
-    return json.loads(data.decode())
+    """A sample's ``json`` field; malformed or deeply nested JSON raises SchemaError."""
+    try:
+        value = json.loads(data.decode())
+    except (RecursionError, UnicodeDecodeError, ValueError) as exc:
+        raise SchemaError(f"json field unreadable ({exc.__class__.__name__})", "bad_json") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise SchemaError(f"json field nested deeper than {MAX_JSON_DEPTH} levels", "bad_json")
+    return value
 
 
 def image_field(sample: dict[str, Any]) -> str:

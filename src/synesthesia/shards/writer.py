@@ -3,13 +3,17 @@
 A shard is written under a temporary name and renamed when complete, so a shard
 that exists under its final name is complete. Members are written in a fixed
 order with fixed mtime, owner and mode, so the same samples give the same bytes.
-The manifest is written last, also atomically.
+The manifest is written last, also atomically. :meth:`Manifest.read` reads one as
+hostile input: bounded size and nesting, every split and shard name one we write,
+every count, size and shape a bounded non-negative integer (:func:`check_manifest`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,10 +21,30 @@ from typing import Any
 
 import webdataset as wds
 
-from synesthesia.shards.schema import KINDS, MANIFEST, SCHEMA_VERSION, SchemaError, check_key, shard_name
+from synesthesia import UserError
+from synesthesia.shards.schema import (
+    KINDS,
+    MANIFEST,
+    SCHEMA_VERSION,
+    SPLITS,
+    SchemaError,
+    check_key,
+    check_shard_name,
+    read_json_file,
+    shard_name,
+)
 from synesthesia.utils import atomic_path, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
+
+# Bounds on the numbers a manifest may hold (anything beyond is not a set this tool wrote).
+MAX_SHARD_SAMPLES = 10**7
+MAX_SHARD_BYTES = 1 << 40
+MAX_COUNT = 10**12
+MAX_CLASSES = 10**6
+MAX_DIM = 1 << 16  # one dimension of a latent, signal or image
+MAX_ELEMENTS = 1 << 28  # elements of one stored latent or signal
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -106,16 +130,12 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: str | Path) -> Manifest:
-        """Read ``directory/manifest.json``; a missing, corrupt or foreign manifest is a UserError."""
-        from synesthesia import UserError
-
+        """Read ``directory/manifest.json``; a missing, corrupt, foreign or lying manifest is a
+        UserError naming the file (:func:`check_manifest`)."""
         path = Path(directory) / MANIFEST
         if not path.is_file():
             raise UserError(f"no {MANIFEST} in {directory}: not a complete shard set")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
+        data = read_json_file(path, "manifest")
         if not isinstance(data, dict):
             raise UserError(f"{path}: a manifest is a JSON object")
         if data.get("schema_version") != SCHEMA_VERSION:
@@ -131,11 +151,74 @@ class Manifest:
         except (TypeError, AttributeError) as exc:
             raise UserError(f"{path}: malformed manifest ({exc})") from None
         if manifest.kind not in KINDS:
-            raise UserError(f"{path}: unknown set kind {manifest.kind!r}; valid: {', '.join(KINDS)}")
+            raise UserError(
+                f"{path}: unknown set kind {str(manifest.kind)[:40]!r}; valid: {', '.join(KINDS)}"
+            )
+        try:
+            check_manifest(manifest)
+        except (SchemaError, ValueError, TypeError) as exc:
+            raise UserError(f"{path}: {exc}") from None
         return manifest
 
     def count(self, split: str) -> int:
         return sum(s.samples for s in self.splits.get(split, []))
+
+
+def _bounded(value: Any, what: str, high: int, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} is {str(value)[:40]!r}, not an integer in [{low}, {high}]")
+    return value
+
+
+def _shape(value: Any, what: str) -> None:
+    if not isinstance(value, list) or len(value) > 8:
+        raise ValueError(f"{what} is {str(value)[:40]!r}, not a list of at most 8 sizes")
+    for n in value:
+        _bounded(n, what, MAX_DIM, 1)
+    if math.prod(value) > MAX_ELEMENTS:
+        raise ValueError(f"{what} {value} holds more than {MAX_ELEMENTS} elements")
+
+
+def check_manifest(m: Manifest) -> None:
+    """Raise ValueError (SchemaError for a name) unless every name and number in ``m`` is one this
+    tool writes: splits from ``SPLITS``, shard i of a split named ``<split>-NNNNNN.tar`` (i), sample
+    counts, byte sizes and ``skipped`` counts bounded non-negative integers, sha256 hex digests,
+    and - where present - the class count, image size, latent shape and samples per input bounded."""
+    if not isinstance(m.dataset, str) or not 0 < len(m.dataset) <= 255 or not m.dataset.isprintable():
+        raise ValueError(f"dataset {str(m.dataset)[:40]!r} is not a name")
+    if m.dataset.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", m.dataset):
+        raise ValueError(f"dataset {m.dataset[:40]!r} is a path, not a name")
+    for split, shards in m.splits.items():
+        if split not in SPLITS:
+            raise SchemaError(f"split {str(split)[:40]!r} is not one of {', '.join(SPLITS)}", "bad_name")
+        for index, info in enumerate(shards):
+            check_shard_name(info.name, split, index)
+            _bounded(info.samples, f"{info.name} samples", MAX_SHARD_SAMPLES)
+            _bounded(info.bytes, f"{info.name} bytes", MAX_SHARD_BYTES)
+            if not isinstance(info.sha256, str) or not _SHA256.match(info.sha256):
+                raise ValueError(f"{info.name} sha256 {str(info.sha256)[:20]!r} is not a sha256 hex digest")
+    if not isinstance(m.skipped, dict):
+        raise ValueError("skipped is not a mapping of reasons to counts")
+    for reason, count in m.skipped.items():
+        _bounded(count, f"skipped {str(reason)[:40]!r}", MAX_COUNT)
+    for name in ("extra", "generator", "latent_spec", "channel_stats", "preprocessing", "config"):
+        if getattr(m, name) is not None and not isinstance(getattr(m, name), dict):
+            raise ValueError(f"{name} is not a mapping")
+    extra = m.extra or {}
+    if "num_classes" in extra:
+        _bounded(extra["num_classes"], "extra.num_classes", MAX_CLASSES, 1)
+    size = extra.get("image_size")
+    if size is not None:
+        for n in size if isinstance(size, list) else [size]:
+            _bounded(n, "extra.image_size", MAX_DIM)
+    spec = m.latent_spec or {}
+    for key in ("shape", "decoded_shape"):
+        if spec.get(key) is not None:
+            _shape(spec[key], f"latent_spec.{key}")
+    if spec.get("samples_per_input") is not None:
+        _bounded(spec["samples_per_input"], "latent_spec.samples_per_input", 1024)
+    if extra.get("shape") is not None:  # a decoded set's signal shape
+        _shape(extra["shape"], "extra.shape")
 
 
 class SplitWriter:

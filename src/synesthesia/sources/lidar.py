@@ -34,6 +34,16 @@ from synesthesia.shards.schema import SchemaError
 KITTI_FOV_UP = 3.0
 KITTI_FOV_DOWN = -25.0
 
+MAX_LIDAR_RANGE = 2000.0
+"""The farthest point accepted, in metres (also the largest coordinate).
+
+Automotive sensors see up to ~300 m (the HDL-64E 120 m); a point at 1e30 m is
+a corrupt scan, not a far object, and would be stored as a range of 1e30.
+Scans holding one are refused (``bad_lidar``), as are NaN and inf (``non_finite``).
+"""
+MAX_LIDAR_POINTS = 4 * 2**20
+"""The most points in one scan (a KITTI scan holds ~120k; 4 Mi points are 64 MiB as N×4 float32)."""
+
 
 @dataclass(frozen=True)
 class RangeImage:
@@ -51,10 +61,23 @@ def read_velodyne_bin(data: bytes | str | Path) -> np.ndarray:
         data = Path(data).read_bytes()
     if len(data) == 0 or len(data) % 16:
         raise SchemaError(f"velodyne scan of {len(data)} bytes is not N×4 float32", "bad_lidar")
+    if len(data) // 16 > MAX_LIDAR_POINTS:
+        raise SchemaError(
+            f"velodyne scan of {len(data) // 16} points (at most {MAX_LIDAR_POINTS})", "bad_lidar"
+        )
     points = np.frombuffer(data, dtype="<f4").reshape(-1, 4)
+    _check_points(points)
+    return points
+
+
+def _check_points(points: np.ndarray) -> None:
+    """Refuse a scan with NaN/inf anywhere or a coordinate beyond ``MAX_LIDAR_RANGE`` (SchemaError)."""
+    if len(points) > MAX_LIDAR_POINTS:
+        raise SchemaError(f"scan of {len(points)} points (at most {MAX_LIDAR_POINTS})", "bad_lidar")
     if not np.isfinite(points).all():
         raise SchemaError("velodyne scan holds NaN or inf", "non_finite")
-    return points
+    if (np.abs(points[:, :3]) > MAX_LIDAR_RANGE).any():
+        raise SchemaError(f"velodyne scan has a coordinate beyond {MAX_LIDAR_RANGE:.0f} m", "bad_lidar")
 
 
 def parse_calibration(text: str) -> np.ndarray:
@@ -119,7 +142,9 @@ def project_scan(
     """Spherical projection of an N×(3|4) scan to a ``beams × azimuth`` range image (see module doc).
 
     Points outside the vertical field of view, beyond ``max_range`` or (with a
-    ``projection`` and ``image_size``) outside the camera image are dropped.
+    ``projection`` and ``image_size``) outside the camera image are dropped. A
+    scan with NaN/inf, a coordinate beyond ``MAX_LIDAR_RANGE`` or more than
+    ``MAX_LIDAR_POINTS`` points raises SchemaError.
     """
     if beams < 1 or azimuth < 1:
         raise ValueError("beams and azimuth must be positive")
@@ -128,6 +153,7 @@ def project_scan(
     points = np.asarray(points, dtype=np.float32)
     if points.ndim != 2 or points.shape[1] not in (3, 4):
         raise SchemaError(f"scan of shape {points.shape} is not N×3 or N×4", "bad_lidar")
+    _check_points(points)
     xyz = points[:, :3].astype(np.float64)
     refl = points[:, 3] if points.shape[1] == 4 else np.zeros(len(points), dtype=np.float32)
     rng = np.linalg.norm(xyz, axis=1)

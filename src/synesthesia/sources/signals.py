@@ -39,6 +39,19 @@ def encode_flac(wave: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
+def probe_audio(data: bytes) -> tuple[int, int, int]:
+    """(sample rate, frames, channels) of FLAC/WAV bytes, from the header alone (nothing decoded).
+
+    These numbers are the file's claims: bound them before decoding, which
+    allocates frames × channels samples up front.
+    """
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as exc:
+        raise SchemaError(f"unreadable audio ({exc.__class__.__name__})") from None
+    return int(info.samplerate), int(info.frames), int(info.channels)
+
+
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """FLAC/WAV bytes → (mono float32 waveform, sample rate); bad audio raises SchemaError."""
     try:

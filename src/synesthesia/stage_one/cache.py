@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from synesthesia import UserError
-from synesthesia.shards.schema import MANIFEST
+from synesthesia.processes import remove_stale_temps
+from synesthesia.shards.schema import MANIFEST, read_json_file
 from synesthesia.stage_one.paths import CACHE_KEY, THROUGHPUT
 from synesthesia.utils import atomic_write_text, sha256_bytes
 
@@ -58,10 +59,12 @@ def check_set(directory: Path, key: str, material: dict[str, Any], overwrite: bo
     ``overwrite``, which replaces the set.
     """
     key_file = directory / CACHE_KEY
-    existing = json.loads(key_file.read_text()) if key_file.is_file() else None
     has_content = directory.is_dir() and (any(directory.glob("*.tar")) or (directory / MANIFEST).exists())
-    if overwrite and (existing is not None or has_content):
+    if overwrite and (key_file.exists() or has_content):
         return "replace"
+    existing = read_json_file(key_file) if key_file.exists() else None
+    if existing is not None and not isinstance(existing, dict):
+        raise UserError(f"{key_file}: not a cache key this tool writes; pass --overwrite to replace the set")
     if existing is None:
         if has_content:
             raise UserError(
@@ -86,8 +89,7 @@ def prepare_set(directory: Path, key: str, material: dict[str, Any], action: str
         for path in sorted(directory.glob("*.tar")):
             path.unlink()
         (directory / CACHE_KEY).unlink(missing_ok=True)
-    for path in sorted(directory.glob(".*.tmp")):  # left behind by a killed run
-        path.unlink(missing_ok=True)
+    remove_stale_temps(directory, own=[".*.tmp"])  # left behind by a killed run (not a live one's)
     for path in sorted(directory.glob(".throughput-rank-*.json")):
         path.unlink(missing_ok=True)
     if action in ("fresh", "replace"):

@@ -32,8 +32,6 @@ the shard could not be read - the consumer then discards that shard.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import tarfile
 import time
@@ -44,9 +42,9 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from synesthesia.shards.schema import SchemaError
+from synesthesia.shards.verify import HashingReader, iter_tar_samples
 
 logger = logging.getLogger(__name__)
 
@@ -70,43 +68,10 @@ class SourceShardError(Exception):
     """A source shard that cannot be read or does not match its manifest (the shard fails, others go on)."""
 
 
-class _HashingReader(io.RawIOBase):
-    """A read-only stream that feeds every byte it passes on into a sha256."""
-
-    def __init__(self, raw: io.BufferedReader):
-        self.raw = raw
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = self.raw.readinto(buffer)
-        if n:
-            self.hash.update(memoryview(buffer)[:n])
-            self.size += n
-        return n
-
-    def drain(self) -> None:
-        """Read (and hash) whatever the tar parser left unread: end-of-archive padding."""
-        while block := self.raw.read(1 << 20):
-            self.hash.update(block)
-            self.size += len(block)
-
-
-def iter_tar_samples(stream: io.RawIOBase, url: str) -> Iterator[dict[str, Any]]:
-    """Samples (``__key__`` plus ``suffix -> bytes``) of a tar stream, in order."""
-    members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-    for sample in group_by_keys(members):
-        sample.pop("__url__", None)
-        yield sample
-
-
 def read_shard_samples(path: str | Path) -> tuple[list[dict[str, Any]], str, int]:
     """All samples of a shard, its sha256 and its size in bytes (one read of the file)."""
     with open(path, "rb") as fh:
-        reader = _HashingReader(fh)
+        reader = HashingReader(fh)
         samples = list(iter_tar_samples(reader, str(path)))
         reader.drain()
     return samples, reader.hash.hexdigest(), reader.size
@@ -190,7 +155,7 @@ class ShardBatches(IterableDataset):
         t0 = time.perf_counter()
         try:
             with open(task.path, "rb") as fh:
-                reader = _HashingReader(fh)
+                reader = HashingReader(fh)
                 samples = iter_tar_samples(reader, task.path)
                 while True:
                     try:

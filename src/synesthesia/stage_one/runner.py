@@ -24,7 +24,7 @@ import torch
 
 from synesthesia import UserError
 from synesthesia.config import GeneratorConfig, PipelineConfig, to_dict
-from synesthesia.shards.schema import MANIFEST, SCHEMA_VERSION
+from synesthesia.shards.schema import MANIFEST, SCHEMA_VERSION, read_json_file
 from synesthesia.shards.writer import Manifest
 from synesthesia.stage_one.assignment import pending_tasks, source_tasks, tasks_for_process
 from synesthesia.stage_one.cache import cache_key, check_set, prepare_set
@@ -155,7 +155,7 @@ def _run_generator(
     # 4. the main process merges timings and writes the manifests from the files on disk
     if state.is_main_process:
         rank_files = [lat_dir / f".throughput-rank-{r}.json" for r in range(state.num_processes)]
-        reports = [json.loads(p.read_text()) for p in rank_files if p.is_file()]
+        reports = [read_json_file(p) for p in rank_files if p.is_file()]
         merged = _merge_reports(reports, len(tasks) - len(pending), runtime.settings(attention))
         for p in rank_files:
             p.unlink(missing_ok=True)

@@ -27,6 +27,7 @@ import torch
 
 from synesthesia.config import ShardConfig
 from synesthesia.generators.base import Generator, autocast_context
+from synesthesia.processes import DieWithParent
 from synesthesia.shards.schema import decoded_field, latent_field
 from synesthesia.stage_one.data import NONFINITE, ShardBatches, ShardTask
 from synesthesia.stage_one.generator import storage_dtype
@@ -215,6 +216,7 @@ class SetRunner:
             num_workers=workers,
             pin_memory=self.runtime.device.type == "cuda",
             prefetch_factor=4 if workers else None,
+            worker_init_fn=DieWithParent() if workers else None,  # no orphan outlives a killed run
         )
         report: dict[str, Any] = {"shards": [], "failures": []}
         totals = dict.fromkeys(("read_s", "infer_s", "decode_s", "write_s", "wait_s", "write_wait_s"), 0.0)

@@ -1,7 +1,9 @@
 """Building stage two's models from a pipeline config, and loading trained teachers.
 
-- :func:`check_config`: the ``train`` section's choices (stage, precision,
-  sizes, early stopping, the teacher's privileged source, method vs stage);
+- :func:`check_config`: every bound of the config
+  (:func:`~synesthesia.config.check_pipeline`), the ``train`` section's choices (stage,
+  precision, sizes, early stopping, the teacher's privileged source, method vs stage)
+  and the run folder's name;
 - :func:`use_cpu`: ``train.device`` → whether accelerate runs on the CPU;
 - :func:`build_models`: (trainee, frozen teacher or None, the model config
   written to ``best/model.json``). stage=teacher builds
@@ -34,10 +36,17 @@ import torch
 from torch import nn
 
 from synesthesia import UserError
-from synesthesia.config import to_dict
-from synesthesia.train.checkpoint import load_method_state, load_weights, teacher_dir, teacher_objective
+from synesthesia.config import check_pipeline, to_dict
+from synesthesia.train.checkpoint import (
+    default_run_name,
+    load_method_state,
+    load_weights,
+    teacher_dir,
+    teacher_objective,
+)
 from synesthesia.train.objectives import StudentTrainee, TeacherObjectiveTrainee, TeacherTrainee
 from synesthesia.train.sidecars import DataSpec, check_decoded_from
+from synesthesia.utils import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,7 @@ def use_cpu(device: str) -> bool:
 
 
 def check_config(cfg) -> None:
+    check_pipeline(cfg)  # again: a config built in code never went through load_pipeline
     t = cfg.train
     if t.stage not in STAGES:
         raise UserError(f"unknown train.stage {t.stage!r}; valid: {', '.join(STAGES)}")
@@ -93,6 +103,8 @@ def check_config(cfg) -> None:
         raise UserError(
             f"method {cfg.method.name!r} is a teacher objective: train it with train.stage=teacher"
         )
+    # the run folder <out>/<name>/<run name>: a default name is built from method, source and seed
+    check_name(t.run_name or default_run_name(cfg), "train.run_name")
     if t.stage == "teacher" and stage != "teacher" and cfg.method.name != "ce":
         logger.info("method %r is a student method: the teacher trains with cross-entropy", cfg.method.name)
 

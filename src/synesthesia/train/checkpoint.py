@@ -1,10 +1,10 @@
-"""Run folders, accelerate checkpoints with a ``latest`` pointer, and the selected (``best/``) weights.
+"""Run folders, checkpoints with a ``latest`` pointer, and the selected (``best/``) weights.
 
 A run folder ``<out>/<pipeline name>/<run name>/`` holds::
 
     config.json              the resolved pipeline config (config.write_resolved)
-    checkpoints/step-N/      accelerator.save_state: model, optimizer, scheduler, TrainState, RNG,
-                             and best/ as it was then (a checkpoint is whole)
+    checkpoints/step-N/      a checkpoint (:func:`save_training_state`), and best/ as it was then
+                             (a checkpoint is whole)
     checkpoints/latest       the name of the newest complete checkpoint (written after it)
     best/model.safetensors   the weights selected on val, with best/model.json to rebuild the model
     best/method.safetensors  teacher objectives only: the objective's own parameters and buffers
@@ -14,25 +14,39 @@ A run folder ``<out>/<pipeline name>/<run name>/`` holds::
     export/                  students only: the deployable model (see synesthesia.train.export)
 
 Resuming reads ``checkpoints/latest``; folder names are never parsed.
+
+A checkpoint holds no pickle, so resuming from a shared run folder never runs code from it: the
+trainee's weights (``model.safetensors``), the optimizer's tensors (``optimizer.safetensors``) with its
+param groups and scalars (``optimizer.json``), the :class:`TrainState`, the LR schedule and the
+fp16 loss scale (``trainer.json``), and one ``rng-<rank>.safetensors`` per process (python, numpy,
+torch and CUDA generator states; scalars in its metadata).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from synesthesia import UserError
-from synesthesia.utils import atomic_write_text
+from synesthesia.utils import atomic_path, atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 LATEST = "latest"
+TRAINER = "trainer.json"
+CHECKPOINT_FORMAT = 1
 
 
 def teacher_objective(cfg) -> str | None:
@@ -108,14 +122,6 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"json": json.dumps(asdict(self))}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        data = json.loads(state["json"])
-        for key, value in data.items():
-            setattr(self, key, value)
-
 
 def checkpoint_path(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step}"
@@ -144,13 +150,137 @@ def find_checkpoint(resume: str | Path, run: Path) -> Path:
     if (candidate / "checkpoints" / LATEST).is_file():
         name = (candidate / "checkpoints" / LATEST).read_text().strip()
         candidate = candidate / "checkpoints" / name
-    if (
-        not candidate.is_dir()
-        or not any(candidate.glob("*.safetensors"))
-        and not any(candidate.glob("*.bin"))
-    ):
+    if candidate.is_dir() and not (candidate / TRAINER).is_file() and any(candidate.glob("*.pkl")):
+        raise UserError(
+            f"{candidate} is an older, pickled checkpoint, which this version does not load "
+            "(a run folder must not be a code-execution path); train the run again"
+        )
+    if not (candidate / TRAINER).is_file():
         raise UserError(f"no checkpoint to resume from at {candidate}")
     return candidate
+
+
+def save_training_state(folder: Path, accelerator, trainee, optimizer, scheduler, state: TrainState) -> None:
+    """Write a checkpoint into ``folder`` (no pickle): the main process the weights, optimizer and
+    trainer state, every process its own RNG. Call it on every process; the caller waits for all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(trainee)
+        _save_tensors(folder / "model.safetensors", unwrapped.state_dict())
+        tensors, rest = _flatten_optimizer(optimizer.state_dict())
+        _save_tensors(folder / "optimizer.safetensors", tensors)
+        atomic_write_text(folder / "optimizer.json", json.dumps(rest, indent=1) + "\n")
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        trainer = {
+            "format": CHECKPOINT_FORMAT,
+            "train_state": asdict(state),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler,
+        }
+        atomic_write_text(folder / TRAINER, json.dumps(trainer, indent=1) + "\n")
+    tensors, metadata = _rng_state()
+    _save_tensors(folder / f"rng-{accelerator.process_index}.safetensors", tensors, metadata)
+
+
+def load_training_state(folder: Path, accelerator, trainee, optimizer, scheduler, state: TrainState) -> None:
+    """Restore what :func:`save_training_state` wrote, on every process (its own rank's RNG); a
+    damaged checkpoint, or one of another model, is a UserError."""
+    try:
+        _load_training_state(folder, accelerator, trainee, optimizer, scheduler, state)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"{folder}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
+
+
+def _load_training_state(folder: Path, accelerator, trainee, optimizer, scheduler, state: TrainState) -> None:
+    trainer = json.loads((folder / TRAINER).read_text())
+    if trainer.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{folder}: checkpoint format {trainer.get('format')} is not {CHECKPOINT_FORMAT}")
+    accelerator.unwrap_model(trainee).load_state_dict(load_file(str(folder / "model.safetensors")))
+    rest = json.loads((folder / "optimizer.json").read_text())
+    optimizer.load_state_dict(
+        _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), rest, optimizer.state_dict())
+    )
+    scheduler.load_state_dict(trainer["scheduler"])
+    if accelerator.scaler is not None and trainer.get("scaler"):
+        accelerator.scaler.load_state_dict(trainer["scaler"])
+    saved = trainer["train_state"]
+    for name in (f.name for f in fields(TrainState) if f.name in saved):
+        setattr(state, name, saved[name])
+    rng = folder / f"rng-{accelerator.process_index}.safetensors"
+    if rng.is_file():
+        _set_rng_state(rng)
+    else:  # resumed on more processes than saved: this rank's random streams start afresh
+        logger.warning("%s has no RNG state for process %d", folder, accelerator.process_index)
+
+
+def _save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Own CPU copies (safetensors refuses shared storage), written atomically."""
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
+
+
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict as tensors ``<param index>.<name>`` plus JSON (param groups, scalars)."""
+    tensors, scalars = {}, {}
+    for index, entry in sd["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(
+    tensors: dict[str, torch.Tensor], rest: dict[str, Any], current: dict[str, Any]
+) -> dict[str, Any]:
+    """The inverse of :func:`_flatten_optimizer`; JSON lists become tuples where ``current`` has tuples
+    (AdamW's ``betas``)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = []
+    for saved, now in zip(rest["param_groups"], current["param_groups"], strict=False):
+        groups.append({k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in saved.items()})
+    groups += rest["param_groups"][len(groups) :]  # a mismatch is load_state_dict's to report
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's python, numpy, torch (and CUDA) generator states as tensors and metadata."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(internal, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        for device, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{device}"] = cuda_state
+    metadata = {
+        "python": json.dumps([version, gauss]),
+        "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
+    }
+    return tensors, metadata
+
+
+def _set_rng_state(path: Path) -> None:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+    version, gauss = json.loads(metadata["python"])
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    kind, pos, has_gauss, cached = json.loads(metadata["numpy"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("cuda.")]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
 def save_weights(model: torch.nn.Module, config: dict[str, Any], folder: Path) -> None:

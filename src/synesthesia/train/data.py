@@ -23,6 +23,13 @@ signals: :mod:`synesthesia.train.samples`); the sets and sidecars come from
 :func:`~synesthesia.train.sidecars.resolve_data` (:mod:`synesthesia.train.sidecars`),
 and a sidecar decoded on the fly is decoded per batch in the main process
 (:mod:`synesthesia.train.on_the_fly`).
+
+A corrupt set never trains silently: each shard must yield the sample count
+its manifest lists (an error naming the shard otherwise; sizes and, with
+``train.verify=full``, sha256s are checked when the set is resolved), while a
+single bad sample is ``train.on_error``'s to decide. Skips travel in the
+stream as markers, through DataLoader workers too, and each loader counts
+them in :attr:`ShardLoader.skipped` (``metrics.json``'s ``skipped``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,7 +47,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from synesthesia import UserError
-from synesthesia.shards.reader import ErrorPolicy, aligned_shards
+from synesthesia.processes import DieWithParent
+from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, aligned_shards
 from synesthesia.shards.schema import SchemaError
 from synesthesia.shards.writer import Manifest
 from synesthesia.train.on_the_fly import OnTheFlyDecoder
@@ -46,6 +56,12 @@ from synesthesia.train.samples import SampleDecoder, _rng, augment_mode, collate
 from synesthesia.train.sidecars import DataSpec, read_aligned
 
 logger = logging.getLogger(__name__)
+
+# Markers a ShardStream puts in its stream (see ShardStream.__iter__), and how many skipped
+# keys a loader keeps (metrics.json lists them).
+SKIPPED = "__skipped__"
+FAILED = "__failed__"
+MAX_SKIPPED_KEYS = 100
 
 
 # ----------------------------------------------------------------------------- epoch plan
@@ -155,15 +171,32 @@ class ShardStream(IterableDataset):
         return stop - start
 
     def _raw(self, pieces: list[tuple[int, int, int]], handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
+        """The raw samples of ``pieces``; a shard holding fewer samples than a piece needs, or
+        more than its manifest lists (seen when a piece ends at the shard's end), is an error."""
         for shard, lo, hi in pieces:
             source, sidecars = self.pairs[shard]
+            count, read = self.counts[shard], 0
             for i, sample in enumerate(read_aligned(source, sidecars, handler)):
                 if i >= hi:
+                    if hi == count:
+                        raise ShardMismatchError(
+                            f"{source}: more samples than the {count} its manifest lists"
+                            f" (corrupt or replaced: run synesthesia inspect --verify)"
+                        )
                     break
+                read = i + 1
                 if i >= lo:
                     yield sample
+            if read < hi:
+                raise ShardMismatchError(
+                    f"{source}: {read} readable samples, its manifest lists {count}"
+                    f" (truncated or corrupt: run synesthesia inspect --verify)"
+                )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Decoded samples, and markers the loader takes out of the stream (they cross worker
+        processes like samples): ``{SKIPPED: key or None, "reason", "n"}`` for each bad sample
+        skipped (``train.on_error``), ``{FAILED: message}`` once when the stream cannot go on."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = worker_pieces(self.pieces(self.epoch), worker, workers)
@@ -172,11 +205,33 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(int(_rng(self.seed, self.epoch, self.rank, worker, 0xB0F).integers(2**62)))
             stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(stream)
-        for raw in stream:
-            try:
-                yield self.decoder(raw, self.epoch)
-            except SchemaError as exc:
-                handler(exc)
+        reported: Counter[str] = Counter()  # the reader's skips (no key) already passed on
+        try:
+            for raw in stream:
+                yield from _reader_skips(handler, reported)
+                try:
+                    sample = self.decoder(raw, self.epoch)
+                except SchemaError as exc:
+                    if self.on_error == "raise":
+                        raise UserError(
+                            f"sample {raw.get('__key__')!r}: {exc} (train.on_error=raise)"
+                        ) from None
+                    handler(exc)
+                    reported[exc.__class__.__name__] += 1
+                    yield {SKIPPED: raw.get("__key__"), "reason": exc.reason, "n": 1}
+                    continue
+                yield sample
+            yield from _reader_skips(handler, reported)
+        except (UserError, SchemaError, tarfile.TarError) as exc:
+            yield {FAILED: str(exc)}
+
+
+def _reader_skips(handler: ErrorPolicy, reported: Counter[str]) -> Iterator[dict[str, Any]]:
+    """Markers for the samples the shard reader skipped since the last call (their keys unknown)."""
+    for name, total in handler.counts.items():
+        if total > reported[name]:
+            yield {SKIPPED: None, "reason": name, "n": total - reported[name]}
+            reported[name] = total
 
 
 class ShardLoader:
@@ -208,6 +263,11 @@ class ShardLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.padded = 0
+        # every bad sample skipped while reading (all epochs and passes): ``samples`` distinct
+        # (keyed ones once, ones the reader lost without a key each time), ``reads`` every skip,
+        # ``keys`` the first MAX_SKIPPED_KEYS keys, sorted, and the count per ``reasons``
+        self.skipped: dict[str, Any] = {"samples": 0, "reads": 0, "unkeyed": 0, "keys": [], "reasons": {}}
+        self._skipped_keys: set[str] = set()
         decoder = OnTheFlyDecoder(stream.decoder.sidecars, device, stream.decoder.aligned)
         self.decoder = decoder if decoder.sidecars else None
 
@@ -226,6 +286,29 @@ class ShardLoader:
         return math.ceil(largest / self.batch_size)
 
     def _samples(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """The stream's samples; its markers are taken out here: a skipped sample is recorded in
+        :attr:`skipped`, a failed stream raises its UserError."""
+        for item in self._stream(epoch):
+            if FAILED in item:
+                raise UserError(item[FAILED])
+            if SKIPPED in item:
+                self._record_skip(item)
+                continue
+            yield item
+
+    def _record_skip(self, item: dict[str, Any]) -> None:
+        record, key = self.skipped, item[SKIPPED]
+        record["reads"] += item["n"]
+        record["reasons"][item["reason"]] = record["reasons"].get(item["reason"], 0) + item["n"]
+        if key is None:
+            record["unkeyed"] += item["n"]
+        elif key not in self._skipped_keys:
+            self._skipped_keys.add(key)
+            if len(record["keys"]) < MAX_SKIPPED_KEYS:
+                record["keys"] = sorted([*record["keys"], key])
+        record["samples"] = len(self._skipped_keys) + record["unkeyed"]
+
+    def _stream(self, epoch: int) -> Iterator[dict[str, Any]]:
         self.stream.set_epoch(epoch)
         if self.num_workers == 0:
             yield from self.stream
@@ -237,6 +320,7 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=max(2, self.batch_size // self.num_workers),
             generator=torch.Generator().manual_seed(self.stream.seed + epoch),
+            worker_init_fn=DieWithParent(),  # no orphan outlives a killed run
         )
         yield from loader
 
@@ -271,6 +355,8 @@ class ShardLoader:
             last = chunk
             if step >= skip:
                 yield self._batch(chunk)
+        for _ in samples:  # the rest: skip markers, and the last shard's count check
+            pass
 
     def __len__(self) -> int:
         return self.steps_per_epoch

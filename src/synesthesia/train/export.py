@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from synesthesia import UserError, __version__
+from synesthesia.shards.schema import read_json_file
 from synesthesia.utils import atomic_write_text
 
 CARD = """---
@@ -111,8 +112,8 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> torch.
     config_file, weights = path / "config.json", path / "model.safetensors"
     if not config_file.is_file() or not weights.is_file():
         raise UserError(f"{path} is not an exported student (no config.json and model.safetensors)")
-    config = json.loads(config_file.read_text())
-    if "student" not in config:
+    config = read_json_file(config_file)
+    if not isinstance(config, dict) or "student" not in config:
         raise UserError(f"{config_file} does not describe a student")
     model = Student.from_config_dict(config["student"])
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)

@@ -18,7 +18,7 @@ Each feature stays visible:
 - AdamW (no weight decay on biases, norms and embeddings' 1-D parameters) with
   a cosine schedule after linear warmup (``get_cosine_schedule_with_warmup``),
   counted in optimizer steps;
-- ``accelerator.save_state`` every ``train.save_every`` optimizer steps and at
+- a checkpoint (no pickle: :func:`save_training_state`) every ``train.save_every`` optimizer steps and at
   the end, ``checkpoints/latest`` pointing at the newest; ``--resume`` loads
   it and continues exactly: the data order is a pure function of
   ``(seed, epoch)``, the skipped micro-batches of a part-done epoch are read
@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from synesthesia.config import to_dict, write_resolved
+from synesthesia.shards.schema import read_json_file
 from synesthesia.train.build import (
     check_config,
 )
@@ -84,6 +85,7 @@ from synesthesia.train.checkpoint import (
     load_weights,
     mark_latest,
     save_method_state,
+    save_training_state,
     save_weights,
     source_tag,
     state_digest,
@@ -269,9 +271,11 @@ def save_best(s: Session) -> None:
 
 def save_checkpoint(s: Session) -> None:
     path = checkpoint_path(s.run, s.state.step)
-    s.accelerator.save_state(str(path))
+    save_training_state(path, s.accelerator, s.trainee, s.optimizer, s.scheduler, s.state)
     if s.accelerator.is_main_process:
         copy_best(s.run / "best", path / "best")  # a checkpoint is whole: resuming restores the selection
+    s.accelerator.wait_for_everyone()  # every rank's RNG is written before ``latest`` names it
+    if s.accelerator.is_main_process:
         mark_latest(s.run, path, s.t.keep_checkpoints)
     s.accelerator.wait_for_everyone()
 
@@ -306,7 +310,9 @@ def finish(s: Session, elapsed: float) -> dict[str, Any]:
             metrics.update(robustness_report(model, objective, test_loader, accelerator, seed=t.seed))
             plain = s.run.parent / f"teacher-{source_tag(t)}-s{t.seed}" / "metrics.json"
             if objective is not None and plain.is_file():
-                metrics["robustness_plain_teacher"] = json.loads(plain.read_text()).get("robustness")
+                plain_metrics = read_json_file(plain)  # another run's file: read as hostile
+                if isinstance(plain_metrics, dict):
+                    metrics["robustness_plain_teacher"] = plain_metrics.get("robustness")
         accelerator.log({"test/accuracy": metrics["test"]["accuracy"]}, step=state.step)
     if accelerator.is_main_process:
         atomic_write_text(s.run / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -349,6 +355,9 @@ def run_metrics(s: Session, elapsed: float, digests: list[str]) -> dict[str, Any
         }
         | {"micro_batches": steps_timed, "device": s.accelerator.device.type},
         "final_weights_sha256": digests,
+        # bad samples skipped per split (train.on_error), this process's reads; the test
+        # loader's record is filled in as the test split is read, before metrics.json is written
+        "skipped": {split: loader.skipped for split, loader in vars(s.loaders).items() if loader is not None},
     }
 
 

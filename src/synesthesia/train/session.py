@@ -6,7 +6,7 @@
   the loaders (:func:`build_loaders`), AdamW and the cosine schedule, and
   ``accelerator.prepare`` them (the seeds are set exactly where a run's
   reproducibility needs them: before building, and per device after prepare);
-- :func:`resume_from`: ``--resume`` (``accelerator.load_state`` and ``best/``);
+- :func:`resume_from`: ``--resume`` (the checkpoint, no pickle, and ``best/``);
 - :func:`unwrap_models`: the modules saved and evaluated (the teacher or the
   student alone, an objective's or a student method's state).
 """
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,7 +25,13 @@ from torch import nn
 
 from synesthesia.shards.mixing import warn_if_class_sorted
 from synesthesia.train.build import build_models, parameter_groups, unwrapped_model, use_cpu
-from synesthesia.train.checkpoint import TrainState, copy_best, find_checkpoint, run_dir
+from synesthesia.train.checkpoint import (
+    TrainState,
+    copy_best,
+    find_checkpoint,
+    load_training_state,
+    run_dir,
+)
 from synesthesia.train.data import ShardLoader, build_loader
 from synesthesia.train.objectives import StudentTrainee, TeacherObjectiveTrainee
 from synesthesia.train.sidecars import DataSpec, resolve_data
@@ -138,7 +143,6 @@ def setup(cfg, out: Path) -> Session:
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, total_updates), total_updates)
     state = TrainState()
     trainee, optimizer = accelerator.prepare(trainee, optimizer)
-    accelerator.register_for_checkpointing(scheduler, state)
     set_seed(t.seed, device_specific=True)  # dropout and modality dropout: a stream per rank
     if frozen is not None:
         frozen.to(accelerator.device)
@@ -152,7 +156,7 @@ def resume_from(s: Session, resume: str) -> None:
     """Load a checkpoint (``--resume``): weights, optimizer, scheduler, RNG, :class:`TrainState`, ``best/``."""
     checkpoint = find_checkpoint(resume, s.run)
     _warn_if_config_changed(s.cfg, checkpoint.parent.parent)
-    s.accelerator.load_state(str(checkpoint))
+    load_training_state(checkpoint, s.accelerator, s.trainee, s.optimizer, s.scheduler, s.state)
     if s.accelerator.is_main_process:
         copy_best(checkpoint / "best", s.run / "best")
     s.accelerator.wait_for_everyone()
@@ -175,8 +179,13 @@ def unwrap_models(s: Session) -> None:
 
 def _warn_if_config_changed(cfg, previous_run: Path) -> None:
     """Resuming under another config is allowed (e.g. more epochs) but no longer reproduces the run."""
-    from synesthesia.config import config_hash
+    from synesthesia.config import config_hash, written_config
+    from synesthesia.shards.schema import read_json_file
 
     written = previous_run / "config.json"
-    if written.is_file() and json.loads(written.read_text()).get("config_hash") != config_hash(cfg):
+    if not written.is_file():
+        return
+    data = read_json_file(written)  # read as this version reads it: options added since take defaults
+    before = written_config(data.get("config") or {}) if isinstance(data, dict) else None
+    if before is None or config_hash(before) != config_hash(cfg):
         logger.warning("resuming %s with a config that differs from its config.json", previous_run)

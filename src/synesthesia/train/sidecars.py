@@ -18,6 +18,8 @@ from, and they read none), so it can be set once for a whole ablation grid or
 ``synesthesia eval``. The result, a :class:`DataSpec`, carries what the models
 need (classes, image size, the teacher's modality specs) and the split counts.
 :func:`read_aligned` zips one source shard with its same-index sidecar shards.
+Every set is checked against its manifest when it is resolved (``train.verify``:
+:func:`check_set_shards`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from synesthesia import UserError
 from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, aligned_shards, iter_shard
 from synesthesia.shards.schema import decode_npy, decoded_field, image_field, latent_field
+from synesthesia.shards.verify import LEVELS, check_shards
 from synesthesia.shards.writer import Manifest
 from synesthesia.train.on_the_fly import build_decoder, decode_latents
 from synesthesia.train.samples import augment_mode, decode_rgb
@@ -180,6 +183,23 @@ def _find_set(root: Path, kind_dir: str, modality: str, source: str) -> Path:
     )
 
 
+def check_verify(train) -> None:
+    """``train.verify`` must be one of :data:`~synesthesia.shards.verify.LEVELS`."""
+    if train.verify not in LEVELS:
+        raise UserError(f"unknown train.verify {train.verify!r}; valid: {', '.join(LEVELS)}")
+
+
+def check_set_shards(directory: Path, level: str) -> None:
+    """Refuse a set whose shards disagree with its manifest: each must exist with its listed byte
+    size and, at level ``full``, its sha256 and sample count (:func:`check_shards`)."""
+    problems = check_shards(directory, Manifest.read(directory), level)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(
+            f"{problems[0]}{more}: the set does not match its manifest; run synesthesia inspect --verify {directory}"
+        )
+
+
 def check_decoded_from(train) -> None:
     """``train.decoded_from`` must be one of :data:`DECODED_FROM` (whatever the source)."""
     if train.decoded_from not in DECODED_FROM:
@@ -278,6 +298,7 @@ def resolve_data(cfg) -> DataSpec:
     if train.source not in SOURCES:
         raise UserError(f"unknown train.source {train.source!r}; valid: {', '.join(SOURCES)}")
     check_decoded_from(train)
+    check_verify(train)
     augment_mode(train.augment)
     root = Path(train.shards) / cfg.dataset
     source_dir = root / "source"
@@ -298,6 +319,10 @@ def resolve_data(cfg) -> DataSpec:
             sidecars[modality] = resolve_sidecar(
                 root, modality, train.source, train.latent_sets.get(modality), train.decoded_from
             )
+    # a corrupt set never trains silently: missing or resized shards (and, verify=full, changed
+    # bytes or counts) are refused here; counts are checked again as each shard is read
+    for directory in [source_dir, *(s.directory for s in sidecars.values())]:
+        check_set_shards(directory, train.verify)
     probed = 0
     needs_probe = train.image_size <= 0 and not extra.get("image_size")
     needs_probe |= any(s.kind == "decoded" and not s.spec.get("shape") for s in sidecars.values())

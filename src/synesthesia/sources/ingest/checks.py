@@ -1,57 +1,110 @@
 """Checking a loaded item and building its canonical source sample (``build_sample``).
 
 - ``check_image``: image bytes are stored exactly as read (``rgb.png`` or
-  ``rgb.jpg`` after the actual format); they are decoded once, only to check them.
-- ``check_depth``: H×W float depth in metres → float32, ≥ 0 and finite.
-- ``check_audio``: WAV/FLAC → mono 16-bit FLAC at ``ingest.audio_rate``.
+  ``rgb.jpg`` after the actual format); the size is read from the header and
+  capped (``MAX_IMAGE_PIXELS``) before they are decoded once, only to check them.
+- ``check_depth``: H×W float depth in metres → float32, ≥ 0 and finite after
+  the cast; H×W must equal the decoded image's (no resampling is done).
+- ``check_audio``: WAV/FLAC → mono 16-bit FLAC at ``ingest.audio_rate``; the
+  rate (``MIN_AUDIO_RATE``..``MAX_AUDIO_RATE``) and length (``MAX_AUDIO_SECONDS``,
+  ``MAX_AUDIO_SAMPLES``) are read from the header and capped before decoding.
 - ``check_lidar`` / ``check_intensity``: a beams×azimuth range image (``.npy``,
-  optionally 2×beams×azimuth with intensity) or a KITTI ``.bin`` scan projected
-  with ``ingest.lidar_*``; intensity clipped to [0, 1].
+  optionally 2×beams×azimuth with intensity; at most ``MAX_LIDAR_BEAMS`` ×
+  ``MAX_LIDAR_AZIMUTH``, ranges up to ``lidar.MAX_LIDAR_RANGE``) or a KITTI
+  ``.bin`` scan projected with ``ingest.lidar_*``; intensity clipped to [0, 1].
 
-Bad samples — unreadable or truncated images, zero-byte files, other image
-formats, ``.npy`` files with a wrong dtype, rank or a pickle inside, NaN/inf in
-a signal — raise ``SchemaError`` with a reason, which the writer counts in the
-manifest's ``skipped``.
+Bad samples — unreadable or truncated images, zero-byte or oversized files,
+other image formats, images over the pixel cap, ``.npy`` files with a wrong
+dtype, rank or a pickle inside, NaN/inf in a signal (also after the cast to
+float32), a depth map of another size than its image, audio at an absurd rate
+or length, absurd LiDAR values — raise ``SchemaError`` with a reason, which the
+writer counts in the manifest's ``skipped``. Every number read from a file is
+bounded before it sizes an allocation.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from synesthesia.shards.schema import SchemaError, encode_json, encode_npy
-from synesthesia.sources.ingest.items import SIGNAL_SUFFIXES, Item
-from synesthesia.sources.lidar import project_scan, read_velodyne_bin
-from synesthesia.sources.signals import decode_audio, encode_flac
+from synesthesia.sources.ingest.items import MAX_FILE_BYTES, SIGNAL_SUFFIXES, Item
+from synesthesia.sources.lidar import MAX_LIDAR_RANGE, project_scan, read_velodyne_bin
+from synesthesia.sources.signals import decode_audio, encode_flac, probe_audio
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
+
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""The most pixels (width × height, from the header) an input image may have (64 MP).
+
+Checked before decoding: a PNG of zeros compresses ~1000:1, so a 200 KB file
+can claim 13000×13000 pixels and cost 1.4 GB to decode, below PIL's own
+decompression-bomb limit (2 × 89 MP). 64 MP (8192²) is above any camera
+photo used for training; larger images are skipped as ``image_too_large``.
+"""
+MIN_AUDIO_RATE = 1_000
+MAX_AUDIO_RATE = 384_000
+"""Sample rates (Hz) accepted from an input audio file; others are ``bad_audio_rate``.
+
+A 1 Hz file resampled to 16 kHz multiplies its length by 16000; 384 kHz is the
+highest rate of common audio hardware.
+"""
+MAX_AUDIO_SECONDS = 600.0
+MAX_AUDIO_SAMPLES = 2**25
+"""Caps on one audio file's length, from its header, before decoding: 10 minutes, and 32 Mi
+samples (128 MiB as float32) both as decoded (frames × channels) and after resampling to
+``ingest.audio_rate``. A FLAC of silence is tiny on disk, so the file-size cap alone does
+not bound it. Longer audio is skipped as ``audio_too_long``."""
+MAX_AUDIO_CHANNELS = 64
+MAX_LIDAR_BEAMS = 1024
+MAX_LIDAR_AZIMUTH = 16384
+"""The largest beams × azimuth range image accepted (real sensors: 16..128 beams, ≤ 4096 columns)."""
 
 
 def check_image(data: bytes) -> tuple[str, dict[str, Any]]:
     """(``rgb.png`` | ``rgb.jpg``, metadata) of image bytes, decoding them fully once to check them."""
     if not data:
         raise SchemaError("zero-byte image", "empty_file")
+    if len(data) > MAX_FILE_BYTES:
+        raise SchemaError(f"image of {len(data)} bytes, over the {MAX_FILE_BYTES}-byte cap", "file_too_large")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # our cap, below PIL's, decides; no stray warning line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only: format and size
+        with im:
             fmt = im.format
             if fmt not in ("PNG", "JPEG"):
                 raise SchemaError(f"image format {fmt} is not PNG or JPEG", "unsupported_image")
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise SchemaError(
+                    f"image of {width}×{height} pixels, over the {MAX_IMAGE_PIXELS}-pixel cap",
+                    "image_too_large",
+                )
             im.load()
             im.convert("RGB")
-            width, height = im.size
     except SchemaError:
         raise
+    except Image.DecompressionBombError:
+        raise SchemaError(
+            f"image over PIL's pixel limit (cap {MAX_IMAGE_PIXELS})", "image_too_large"
+        ) from None
     except Exception as exc:
         raise SchemaError(f"unreadable image ({exc.__class__.__name__})", "unreadable_image") from None
     return ("rgb.png" if fmt == "PNG" else "rgb.jpg"), {"width": width, "height": height, "image_format": fmt}
 
 
-def check_depth(data: bytes) -> np.ndarray:
-    """H×W float depth in metres (a singleton channel is squeezed) → float32; ≥ 0 and finite."""
+def check_depth(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
+    """H×W float depth in metres (a singleton channel is squeezed) → float32; ≥ 0 and finite.
+
+    With ``size`` (the image's width, height), the depth map must be exactly
+    height × width: depth is paired pixel for pixel with its image.
+    """
     if not data:
         raise SchemaError("zero-byte depth file", "empty_file")
     from synesthesia.shards.schema import decode_npy
@@ -63,15 +116,53 @@ def check_depth(data: bytes) -> np.ndarray:
         depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:-1])
     if depth.size == 0:
         raise SchemaError("empty depth map", "bad_npy")
+    if size is not None and depth.shape != (size[1], size[0]):
+        height, width = depth.shape
+        raise SchemaError(
+            f"depth of {height}×{width} does not match its image of {size[1]}×{size[0]} (H×W)",
+            "size_mismatch",
+        )
     if (depth < 0).any():
         raise SchemaError("negative depth", "bad_signal")
-    return depth.astype(np.float32)
+    return _finite_float32(depth, "depth")
+
+
+def _finite_float32(array: np.ndarray, what: str) -> np.ndarray:
+    """``array`` as float32, refused (``non_finite``) if the cast overflows (float64 above 3.4e38)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = array.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise SchemaError(f"{what} holds values beyond float32's range", "non_finite")
+    return out
 
 
 def check_audio(data: bytes, rate: int) -> tuple[bytes, dict[str, Any]]:
     """WAV/FLAC bytes → mono 16-bit FLAC at ``rate`` (resampled with a polyphase filter)."""
     if not data:
         raise SchemaError("zero-byte audio file", "empty_file")
+    if len(data) > MAX_FILE_BYTES:
+        raise SchemaError(f"audio of {len(data)} bytes, over the {MAX_FILE_BYTES}-byte cap", "file_too_large")
+    try:
+        source_rate, frames, channels = probe_audio(data)
+    except SchemaError as exc:
+        raise SchemaError(str(exc), "unreadable_audio") from None
+    if not MIN_AUDIO_RATE <= source_rate <= MAX_AUDIO_RATE:
+        raise SchemaError(
+            f"sample rate {source_rate} Hz outside {MIN_AUDIO_RATE}..{MAX_AUDIO_RATE} Hz", "bad_audio_rate"
+        )
+    if not 1 <= channels <= MAX_AUDIO_CHANNELS:
+        raise SchemaError(f"{channels} audio channels (at most {MAX_AUDIO_CHANNELS})", "unreadable_audio")
+    seconds = frames / source_rate
+    if (
+        seconds > MAX_AUDIO_SECONDS
+        or frames * channels > MAX_AUDIO_SAMPLES
+        or seconds * rate > MAX_AUDIO_SAMPLES
+    ):
+        raise SchemaError(
+            f"audio of {frames} frames × {channels} channels at {source_rate} Hz ({seconds:.0f} s) is over the caps"
+            f" ({MAX_AUDIO_SECONDS:.0f} s, {MAX_AUDIO_SAMPLES} samples)",
+            "audio_too_long",
+        )
     try:
         wave, source_rate = decode_audio(data)
     except SchemaError as exc:
@@ -80,7 +171,7 @@ def check_audio(data: bytes, rate: int) -> tuple[bytes, dict[str, Any]]:
         from scipy.signal import resample_poly
 
         g = math.gcd(source_rate, rate)
-        wave = resample_poly(wave, rate // g, source_rate // g).astype(np.float32)
+        wave = _finite_float32(resample_poly(wave, rate // g, source_rate // g), "resampled audio")
     return encode_flac(wave, rate), {"audio_rate": rate, "audio_samples": int(len(wave))}
 
 
@@ -88,6 +179,8 @@ def check_lidar(data: bytes, suffix: str, cfg: Any) -> tuple[np.ndarray, np.ndar
     """(range, intensity or None, metadata) from a ``.npy`` range image or a KITTI ``.bin`` scan."""
     if not data:
         raise SchemaError("zero-byte lidar file", "empty_file")
+    if len(data) > MAX_FILE_BYTES:
+        raise SchemaError(f"lidar of {len(data)} bytes, over the {MAX_FILE_BYTES}-byte cap", "file_too_large")
     if suffix == ".bin":
         projected = project_scan(
             read_velodyne_bin(data),
@@ -112,10 +205,18 @@ def check_lidar(data: bytes, suffix: str, cfg: Any) -> tuple[np.ndarray, np.ndar
             raise SchemaError(
                 f"lidar of shape {array.shape} is not beams×azimuth or 2×beams×azimuth", "bad_npy"
             )
-        array, intensity = array[0], np.clip(array[1], 0.0, 1.0).astype(np.float32)
+        array, intensity = array[0], np.clip(_finite_float32(array[1], "lidar intensity"), 0.0, 1.0)
+    beams, azimuth = array.shape
+    if not (1 <= beams <= MAX_LIDAR_BEAMS and 1 <= azimuth <= MAX_LIDAR_AZIMUTH):
+        raise SchemaError(
+            f"lidar range image of {beams}×{azimuth} (at most {MAX_LIDAR_BEAMS}×{MAX_LIDAR_AZIMUTH})",
+            "bad_lidar",
+        )
     if (array < 0).any():
         raise SchemaError("negative lidar range", "bad_signal")
-    return array.astype(np.float32), intensity, {"lidar_source": "range_npy"}
+    if (array > MAX_LIDAR_RANGE).any():
+        raise SchemaError(f"lidar range above {MAX_LIDAR_RANGE:.0f} m", "bad_lidar")
+    return _finite_float32(array, "lidar range"), intensity, {"lidar_source": "range_npy"}
 
 
 def check_intensity(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
@@ -125,7 +226,7 @@ def check_intensity(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     intensity = decode_npy(data, dtypes=FLOAT_DTYPES, ndim=(2,), finite=True)
     if intensity.shape != tuple(shape):
         raise SchemaError(f"intensity shape {intensity.shape} != range shape {tuple(shape)}", "bad_npy")
-    return np.clip(intensity, 0.0, 1.0).astype(np.float32)
+    return np.clip(_finite_float32(intensity, "lidar intensity"), 0.0, 1.0)
 
 
 def build_sample(item: Item, label: int, class_name: str, cfg: Any) -> dict[str, Any]:
@@ -137,14 +238,17 @@ def build_sample(item: Item, label: int, class_name: str, cfg: Any) -> dict[str,
     except OSError as exc:
         raise SchemaError(f"unreadable file ({exc.__class__.__name__})", "unreadable_file") from None
     image_name, meta = check_image(image)
+    image_size = (meta["width"], meta["height"])
     sample: dict[str, Any] = {"__key__": item.key, image_name: image, "cls": str(label).encode()}
     meta.update({"class_name": class_name, "source": item.origin})
     for modality, (data, suffix) in sorted(signals.items()):
         if modality not in SIGNAL_SUFFIXES:
             continue  # companions (lidar_intensity) are read with their modality
         try:
+            if len(data) > MAX_FILE_BYTES:
+                raise SchemaError(f"{len(data)} bytes, over the {MAX_FILE_BYTES}-byte cap", "file_too_large")
             if modality == "depth":
-                depth = check_depth(data)
+                depth = check_depth(data, image_size)
                 sample["depth.npy"] = encode_npy(depth)
                 meta["depth_shape"] = list(depth.shape)
             elif modality == "audio":

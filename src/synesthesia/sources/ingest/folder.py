@@ -14,7 +14,9 @@ class is the first folder below the split; hidden files and folders are ignored.
 without extension, sanitised (``sanitise_key``). Images are listed once, in
 sorted path order; their bytes and signals are read lazily, when written.
 Names that are not valid UTF-8 and images outside a class folder become
-bad items (skipped and counted by the writer).
+bad items (skipped and counted by the writer). Only regular files (symlinks
+resolved) of at most ``items.MAX_FILE_BYTES`` are read: a FIFO, a device or a
+larger file is skipped and counted (``not_regular_file``, ``file_too_large``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from pathlib import Path
 
 from synesthesia import UserError
 from synesthesia.shards.schema import SchemaError
-from synesthesia.sources.ingest.items import SIGNAL_SUFFIXES, SPLIT_ALIASES, Item, sanitise_key
+from synesthesia.sources.ingest.items import (
+    SIGNAL_SUFFIXES,
+    SPLIT_ALIASES,
+    Item,
+    read_regular,
+    sanitise_key,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -101,14 +109,15 @@ class FolderSource:
             )
 
     def _load(self, parts: tuple[str, ...]) -> tuple[bytes, dict[str, tuple[bytes, str]]]:
-        image = (self.root.joinpath(*parts)).read_bytes()
+        """Image and signal bytes; only regular files up to ``MAX_FILE_BYTES`` are read (``read_regular``)."""
+        image = read_regular(self.root.joinpath(*parts))
         signals = {}
         stem = Path(parts[-1]).stem
         for modality, suffixes in SIGNAL_SUFFIXES.items():
             folder = self.root.joinpath(modality, *parts[:-1])
             for suffix in suffixes:
                 candidate = folder / f"{stem}{suffix}"
-                if candidate.is_file():
-                    signals[modality] = (candidate.read_bytes(), suffix)
+                if os.path.lexists(candidate):  # a FIFO or a dangling link is refused, not ignored
+                    signals[modality] = (read_regular(candidate), suffix)
                     break
         return image, signals

@@ -14,6 +14,7 @@ warning. Rows are read lazily, when written.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from synesthesia.sources.ingest.items import (
     SPLIT_ALIASES,
     Item,
     _parse_label,
+    read_regular,
     sanitise_key,
     split_word,
 )
@@ -171,6 +173,6 @@ def _hf_bytes(value: Any, what: str) -> bytes:
     if isinstance(value, dict):
         if value.get("bytes"):
             return bytes(value["bytes"])
-        if value.get("path") and Path(value["path"]).is_file():
-            return Path(value["path"]).read_bytes()
+        if value.get("path") and os.path.lexists(value["path"]):
+            return read_regular(value["path"])
     raise SchemaError(f"{what} has neither bytes nor a readable path", f"unreadable_{what}")

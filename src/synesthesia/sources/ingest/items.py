@@ -11,13 +11,18 @@
 - ``_parse_label``: a class name or index from a tar field or HF column value.
 - ``SIGNAL_SUFFIXES``: the paired modalities (``depth``, ``audio``, ``lidar``)
   and the file suffixes each accepts.
+- ``read_regular``: the bytes of one input file, read only if it is a regular
+  file (symlinks resolved) of at most ``MAX_FILE_BYTES``.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +34,14 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 # Paired-signal folders of the image-folder layout and the file suffixes each accepts.
 SIGNAL_SUFFIXES = {"depth": (".npy",), "audio": (".wav", ".flac"), "lidar": (".npy", ".bin")}
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
+MAX_FILE_BYTES = 64 * 2**20
+"""The largest input file (image, ``.npy``, audio, LiDAR scan or tar member) ingest reads, in bytes.
+
+Every file is read whole into memory; a 64 MiB cap is far above a photo, a
+depth map, a minute of 48 kHz audio or a KITTI scan (about 2 MB), and keeps a
+hostile file (``/dev/zero`` behind a symlink, a multi-GB blob) from exhausting
+memory. Larger files are skipped and counted as ``file_too_large``.
+"""
 
 
 @dataclass
@@ -83,3 +96,28 @@ def _parse_label(value: Any) -> str | int | None:
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         return int(value)
     return None
+
+
+def read_regular(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file (symlinks resolved) of at most ``limit`` bytes.
+
+    A FIFO, a device (``/dev/zero``), a socket or a folder — or a symlink to
+    one — raises ``SchemaError`` (``not_regular_file``) before anything is read,
+    and so does a file over ``limit`` (``file_too_large``). The file is opened
+    without blocking and checked again on the open descriptor, so it cannot be
+    swapped for a FIFO in between.
+    """
+    name = Path(path).name
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise SchemaError(f"{name}: not a regular file", "not_regular_file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SchemaError(f"{name}: not a regular file", "not_regular_file")
+        if info.st_size > limit:
+            raise SchemaError(f"{name}: {info.st_size} bytes, over the {limit}-byte cap", "file_too_large")
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # grew while being read
+        raise SchemaError(f"{name}: over the {limit}-byte cap", "file_too_large")
+    return data

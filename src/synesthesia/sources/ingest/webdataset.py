@@ -10,9 +10,14 @@ tars. The image field is the first of ``rgb.png``, ``rgb.jpg``, ``png``,
 (``train-000.tar``) belongs to that split; a folder holding a ``manifest.json``
 of ours names the classes its integer labels index.
 
-Samples are held in memory from the single listing pass. A truncated or
-corrupt tar loses the rest of that tar: one warning, counted as
-``corrupt_tar`` in ``tar_errors`` (which the writer adds to ``skipped``).
+Samples are held in memory from the single listing pass. Tars are read by
+``synesthesia.shards.reader.iter_shard``: a truncated or corrupt tar (cut
+inside a header or member, at a member boundary without its end-of-archive
+marker, or not a regular file) loses the rest of that tar, the sample being
+read included: one warning, counted as ``corrupt_tar`` in ``tar_errors``
+(which the writer adds to ``skipped``). A member over ``items.MAX_FILE_BYTES``
+is not read and its sample is counted as ``file_too_large``. A key repeated in
+a tar is a duplicate key (the writer keeps the first sample of a key).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 from synesthesia import UserError
 from synesthesia.shards.schema import SchemaError
 from synesthesia.shards.writer import Manifest
-from synesthesia.sources.ingest.items import Item, _parse_label, sanitise_key, split_word
+from synesthesia.sources.ingest.items import MAX_FILE_BYTES, Item, _parse_label, sanitise_key, split_word
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +90,13 @@ class WebDatasetSource:
         return next((name for name in candidates if name in sample), None)
 
     def items(self, warn: bool = True) -> Iterator[Item]:
-        import webdataset as wds
-
-        from synesthesia.shards.reader import ErrorPolicy
+        from synesthesia.shards.reader import OversizedMemberError, iter_shard
 
         self.tar_errors: Counter[str] = Counter()
         for url in self.urls:
             split = split_word(Path(url).name) or "train"
-            policy = ErrorPolicy("skip")
-            dataset = wds.WebDataset(url, shardshuffle=False, handler=policy, empty_check=False)
-            for sample in dataset:
+            problems: list[BaseException] = []
+            for sample in iter_shard(url, problems.append, max_member_bytes=MAX_FILE_BYTES):
                 raw_key = sample["__key__"]
                 origin = f"{Path(url).name}:{raw_key}"
                 image_name = self._pick(sample, self.image_field, WDS_IMAGE_FIELDS)
@@ -125,8 +127,13 @@ class WebDatasetSource:
                     origin=origin,
                     load=lambda data=data: data,
                 )
-            if policy.counts:
-                # a tar reader cannot resynchronise after a bad entry: the rest of this tar is lost
-                self.tar_errors["corrupt_tar"] += 1
-                if warn:
-                    logger.warning("skipped the rest of %s: truncated or corrupt tar", url)
+            for problem in problems:
+                if isinstance(problem, OversizedMemberError):
+                    self.tar_errors["file_too_large"] += 1
+                    if warn:
+                        logger.warning("skipped a sample of %s", problem)
+                else:
+                    # a tar reader cannot resynchronise after a bad entry: the rest of this tar is lost
+                    self.tar_errors["corrupt_tar"] += 1
+                    if warn:
+                        logger.warning("skipped the rest of %s: truncated or corrupt tar (%s)", url, problem)

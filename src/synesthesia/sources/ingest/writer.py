@@ -24,6 +24,7 @@ same input and config always give byte-identical shards.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -36,10 +37,17 @@ import numpy as np
 
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, config_hash, to_dict
+from synesthesia.processes import remove_stale_temps
 from synesthesia.shards.mixing import label_mix_entry
 from synesthesia.shards.schema import SchemaError
 from synesthesia.shards.writer import Manifest, ShardInfo, SplitWriter
-from synesthesia.sources.ingest.checks import build_sample
+from synesthesia.sources.ingest.checks import (
+    MAX_AUDIO_RATE,
+    MAX_LIDAR_AZIMUTH,
+    MAX_LIDAR_BEAMS,
+    MIN_AUDIO_RATE,
+    build_sample,
+)
 from synesthesia.sources.ingest.formats import open_source
 from synesthesia.sources.ingest.items import Item
 
@@ -57,10 +65,16 @@ def _check_config(cfg: Any) -> None:
         raise UserError("ingest.val_fraction + ingest.test_fraction must be below 1")
     if cfg.shard_size < 1:
         raise UserError(f"ingest.shard_size must be at least 1, got {cfg.shard_size}")
-    if cfg.audio_rate < 1000:
-        raise UserError(f"ingest.audio_rate must be at least 1000 Hz, got {cfg.audio_rate}")
-    if cfg.lidar_beams < 1 or cfg.lidar_azimuth < 1:
-        raise UserError("ingest.lidar_beams and ingest.lidar_azimuth must be positive")
+    if not MIN_AUDIO_RATE <= cfg.audio_rate <= MAX_AUDIO_RATE:
+        raise UserError(
+            f"ingest.audio_rate must be in {MIN_AUDIO_RATE}..{MAX_AUDIO_RATE} Hz, got {cfg.audio_rate}"
+        )
+    if not (1 <= cfg.lidar_beams <= MAX_LIDAR_BEAMS and 1 <= cfg.lidar_azimuth <= MAX_LIDAR_AZIMUTH):
+        raise UserError(
+            f"ingest.lidar_beams must be in 1..{MAX_LIDAR_BEAMS} and ingest.lidar_azimuth in 1..{MAX_LIDAR_AZIMUTH}"
+        )
+    if not all(math.isfinite(v) and -90.0 <= v <= 90.0 for v in (cfg.lidar_fov_up, cfg.lidar_fov_down)):
+        raise UserError("ingest.lidar_fov_up and ingest.lidar_fov_down must be angles in -90..90 degrees")
     if cfg.lidar_fov_up <= cfg.lidar_fov_down:
         raise UserError("ingest.lidar_fov_up must be above ingest.lidar_fov_down")
 
@@ -127,6 +141,7 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
 
     final = Path(out) / cfg.dataset / "source"
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final.parent)  # killed ingests' folders, once past the lease (none held open)
     tmp = Path(tempfile.mkdtemp(prefix=".source-", suffix=".tmp", dir=final.parent))
     try:
         skipped: Counter[str] = Counter()
