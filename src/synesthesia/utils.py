@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,40 @@ def check_name(value: str, key: str) -> str:
         return value
     shown = value if len(value) <= 60 else value[:60] + "..."
     raise UserError(f"{key} {shown!r} {problem}; it must be one plain folder name")
+
+
+class UnsafeFile(ValueError):
+    """A path that is not a regular file (``reason`` ``not_regular_file``) or is over a size
+    cap (``file_too_large``): :func:`read_regular_file` refuses it before reading it."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_regular_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (symlinks resolved) of at most ``limit`` bytes.
+
+    A FIFO, a device (``/dev/zero``), a socket or a folder — or a symlink to one —
+    raises :class:`UnsafeFile` before anything is read, and so does a file over
+    ``limit``. The file is opened without blocking and checked again on the open
+    descriptor, so it cannot be swapped for a FIFO in between. OSError (missing,
+    unreadable) is the caller's to word.
+    """
+    name = Path(path).name
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UnsafeFile(f"{name}: not a regular file", "not_regular_file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(f"{name}: not a regular file", "not_regular_file")
+        if info.st_size > limit:
+            raise UnsafeFile(f"{name}: {info.st_size} bytes, over the {limit}-byte cap", "file_too_large")
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # grew while being read
+        raise UnsafeFile(f"{name}: over the {limit}-byte cap", "file_too_large")
+    return data
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -27,6 +27,7 @@ from synesthesia import UserError
 from synesthesia.config.building import build, config_hash, to_dict
 from synesthesia.config.checks import check_pipeline
 from synesthesia.config.sections import PipelineConfig
+from synesthesia.utils import UnsafeFile, read_regular_file
 
 MAX_FILE_BYTES = 1 << 20  # a pipeline file
 MAX_DEPTH = 64  # nesting of YAML collections
@@ -151,15 +152,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"pipeline file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"pipeline file {path} is not a regular file")
     try:
-        with open(path, "rb") as fh:
-            blob = fh.read(MAX_FILE_BYTES + 1)
+        blob = read_regular_file(path, MAX_FILE_BYTES)
+    except UnsafeFile as exc:
+        if exc.reason == "file_too_large":
+            raise UserError(
+                f"{path}: a pipeline file must be at most {MAX_FILE_BYTES // (1 << 20)} MB"
+            ) from None
+        raise UserError(f"pipeline file {path} is not a regular file") from None
     except OSError as exc:
         raise UserError(f"cannot read pipeline file {path}: {exc.strerror or exc}") from None
-    if len(blob) > MAX_FILE_BYTES:
-        raise UserError(f"{path}: a pipeline file must be at most {MAX_FILE_BYTES // (1 << 20)} MB")
     try:
         text = blob.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

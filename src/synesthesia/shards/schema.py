@@ -19,15 +19,14 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from synesthesia import UserError
+from synesthesia.utils import UnsafeFile, read_regular_file
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test", "paired")
@@ -101,15 +100,13 @@ def read_json_file(
     max_bytes = MAX_JSON_BYTES if max_bytes is None else max_bytes
     max_depth = MAX_JSON_DEPTH if max_depth is None else max_depth
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise UserError(f"{path}: not a regular file")
-            data = fh.read(max_bytes + 1)
+        data = read_regular_file(path, max_bytes)
+    except UnsafeFile as exc:
+        if exc.reason == "file_too_large":
+            raise UserError(f"{path}: larger than {max_bytes} bytes; not a file this tool writes") from None
+        raise UserError(f"{path}: not a regular file") from None
     except OSError as exc:
         raise UserError(f"{path}: unreadable ({exc.strerror or exc.__class__.__name__})") from None
-    if len(data) > max_bytes:
-        raise UserError(f"{path}: larger than {max_bytes} bytes; not a file this tool writes")
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:

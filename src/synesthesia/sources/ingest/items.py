@@ -17,9 +17,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from synesthesia.shards.schema import MAX_KEY_LENGTH, SchemaError
-from synesthesia.utils import sha256_bytes
+from synesthesia.utils import UnsafeFile, read_regular_file, sha256_bytes
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 # Paired-signal folders of the image-folder layout and the file suffixes each accepts.
@@ -99,25 +97,10 @@ def _parse_label(value: Any) -> str | int | None:
 
 
 def read_regular(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of ``path`` if it is a regular file (symlinks resolved) of at most ``limit`` bytes.
-
-    A FIFO, a device (``/dev/zero``), a socket or a folder — or a symlink to
-    one — raises ``SchemaError`` (``not_regular_file``) before anything is read,
-    and so does a file over ``limit`` (``file_too_large``). The file is opened
-    without blocking and checked again on the open descriptor, so it cannot be
-    swapped for a FIFO in between.
-    """
-    name = Path(path).name
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise SchemaError(f"{name}: not a regular file", "not_regular_file")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SchemaError(f"{name}: not a regular file", "not_regular_file")
-        if info.st_size > limit:
-            raise SchemaError(f"{name}: {info.st_size} bytes, over the {limit}-byte cap", "file_too_large")
-        data = fh.read(limit + 1)
-    if len(data) > limit:  # grew while being read
-        raise SchemaError(f"{name}: over the {limit}-byte cap", "file_too_large")
-    return data
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes
+    (:func:`synesthesia.utils.read_regular_file`); else ``SchemaError`` with the reason
+    (``not_regular_file``, ``file_too_large``), so the sample is skipped and counted."""
+    try:
+        return read_regular_file(path, limit)
+    except UnsafeFile as exc:
+        raise SchemaError(str(exc), exc.reason) from None
