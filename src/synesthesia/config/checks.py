@@ -19,19 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from synesthesia import UserError
-from synesthesia.config.sections import (
-    AblateConfig,
-    BootstrapConfig,
-    GeneratorConfig,
-    IngestConfig,
-    MethodConfig,
-    PipelineConfig,
-    ScenesConfig,
-    ShardConfig,
-    StudentConfig,
-    TeacherConfig,
-    TrainConfig,
-)
+from synesthesia.config import sections
 
 
 @dataclass(frozen=True)
@@ -86,8 +74,8 @@ LIDAR_AZIMUTH = closed(1, 8192)
 
 # Every int and float field of every section: its range (for a list, each item's).
 BOUNDS: dict[type, dict[str, Range]] = {
-    PipelineConfig: {"seed": SEED},
-    ScenesConfig: {
+    sections.PipelineConfig: {"seed": SEED},
+    sections.ScenesConfig: {
         "num_train": SAMPLES,
         "num_val": SAMPLES,
         "num_test": SAMPLES,
@@ -105,7 +93,7 @@ BOUNDS: dict[type, dict[str, Range]] = {
         "shard_size": SHARD_SIZE,
         "workers": closed(0, 1024),
     },
-    IngestConfig: {
+    sections.IngestConfig: {
         "val_fraction": PROBABILITY_BELOW_ONE,
         "test_fraction": PROBABILITY_BELOW_ONE,
         "shard_size": SHARD_SIZE,
@@ -115,9 +103,9 @@ BOUNDS: dict[type, dict[str, Range]] = {
         "lidar_fov_up": closed(-90, 90),
         "lidar_fov_down": closed(-90, 90),
     },
-    GeneratorConfig: {"samples_per_input": closed(1, 1024), "seed": SEED},
-    ShardConfig: {"batch_size": BATCH, "num_workers": WORKERS, "max_pending_writes": closed(1, 64)},
-    BootstrapConfig: {
+    sections.GeneratorConfig: {"samples_per_input": closed(1, 1024), "seed": SEED},
+    sections.ShardConfig: {"batch_size": BATCH, "num_workers": WORKERS, "max_pending_writes": closed(1, 64)},
+    sections.BootstrapConfig: {
         "holdout": closed(1, 10**8),
         "max_pairs": SAMPLES,
         "num_train_timesteps": closed(1, 10**5),
@@ -139,7 +127,7 @@ BOUNDS: dict[type, dict[str, Range]] = {
         "max_model_mb": above(0, 10**6),
         "seed": SEED,
     },
-    TeacherConfig: {
+    sections.TeacherConfig: {
         "dim": closed(1, 8192),
         "depth": closed(1, 128),
         "heads": closed(1, 128),
@@ -155,14 +143,14 @@ BOUNDS: dict[type, dict[str, Range]] = {
         "decoded_max_tokens": closed(1, 65536),
         "epochs": closed(0, 10**6),
     },
-    StudentConfig: {"drop_path": PROBABILITY_BELOW_ONE},
-    MethodConfig: {
+    sections.StudentConfig: {"drop_path": PROBABILITY_BELOW_ONE},
+    sections.MethodConfig: {
         "alpha": FRACTION,
         "temperature": above(0, 1000),
         "weight": closed(0, 10**6),
         "layers": closed(-1024, 1023),
     },
-    TrainConfig: {
+    sections.TrainConfig: {
         "epochs": EPOCHS,
         "early_stop_patience": closed(0, 10**6),
         "batch_size": BATCH,
@@ -178,7 +166,7 @@ BOUNDS: dict[type, dict[str, Range]] = {
         "seed": SEED,
         "image_size": closed(0, 4096),
     },
-    AblateConfig: {
+    sections.AblateConfig: {
         "seeds": SEED,
         "kd_alphas": FRACTION,
         "kd_temperatures": above(0, 1000),
@@ -189,7 +177,7 @@ BOUNDS: dict[type, dict[str, Range]] = {
 MAX_OPTION_INT = 2**63 - 1  # an int in ``options`` or ``mapping``: at most what int64 holds
 
 
-def check_pipeline(cfg: PipelineConfig) -> PipelineConfig:
+def check_pipeline(cfg: sections.PipelineConfig) -> sections.PipelineConfig:
     """Every number of ``cfg`` finite and in its range, every output name a plain folder name."""
     from synesthesia.utils import check_name
 
