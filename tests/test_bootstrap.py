@@ -182,7 +182,8 @@ def test_quality_matches_what_stage_one_writes(trained, paired_root):
 
 
 def test_resume_continues_exactly(paired_root, tmp_path, shared):
-    """A run stopped after a checkpoint and resumed gives the same weights as one uninterrupted run."""
+    """A run stopped after a checkpoint and resumed gives the same weights as one uninterrupted run,
+    from checkpoints that hold no pickle and a resume that unpickles nothing."""
     from synesthesia.bootstrap import build_codec, encode_pairs, train_unet
 
     cfg = tiny_pipeline(tmp_path, ["depth"], steps=12, save_every=6).bootstrap
@@ -191,9 +192,19 @@ def test_resume_continues_exactly(paired_root, tmp_path, shared):
     idx = torch.arange(32)
     full, info = train_unet(cfg, pairs["depth"], idx, "diffusion", tmp_path / "run", 12, torch.device("cpu"))
     assert info["resumed_from"] == 0  # it left a checkpoint at step 6: rerunning resumes there
-    resumed, info = train_unet(
-        cfg, pairs["depth"], idx, "diffusion", tmp_path / "run", 12, torch.device("cpu")
-    )
+    saved = {p.suffix for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()}
+    assert saved <= {".safetensors", ".json"}, saved  # no pickle: a shared work_dir runs no code
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resume must not unpickle")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+            patch.setattr(target, name, refuse)
+        resumed, info = train_unet(
+            cfg, pairs["depth"], idx, "diffusion", tmp_path / "run", 12, torch.device("cpu")
+        )
     assert info["resumed_from"] == 6
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

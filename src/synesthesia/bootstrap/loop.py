@@ -16,8 +16,8 @@ sampler visits (as few-step fine-tuning of Marigold does), ``uniform`` at all.
 The regression objective feeds ``[c ; 0]`` at timestep 0 and regresses x₀.
 
 :func:`train_unet` is an accelerate loop (mixed precision, gradient clipping,
-warmup + cosine LR, trackers, a tqdm progress bar, ``save_state`` checkpoints
-kept by :class:`_Checkpoints`). A batch's indices and noise are functions of
+warmup + cosine LR, trackers, a tqdm progress bar, `checkpoints
+kept by :class:`_Checkpoints`: safetensors and JSON, never a pickle, as stage two's). A batch's indices and noise are functions of
 (seed, step) alone, so resuming from a checkpoint continues exactly where the
 run stopped.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from synesthesia import UserError
 from synesthesia.bootstrap.data import PairedLatents
 from synesthesia.bootstrap.model import _resize_cond, build_scheduler, build_unet
 from synesthesia.config import BootstrapConfig
+from synesthesia.shards.schema import read_json_file
+from synesthesia.train.checkpoint import TrainState, load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,8 @@ def _noise_and_targets(cfg, scheduler, x0: torch.Tensor, g: torch.Generator):
 
 
 class _Checkpoints:
-    """``save_state`` folders under ``work_dir/checkpoints`` and a ``latest.json`` naming the newest."""
+    """Checkpoint folders under ``work_dir/checkpoints`` (:func:`~synesthesia.train.checkpoint.save_training_state`:
+    safetensors and JSON) and a ``latest.json`` naming the newest."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -82,15 +87,21 @@ class _Checkpoints:
         index = self.directory / "latest.json"
         if not index.is_file():
             return None
-        data = json.loads(index.read_text())
-        path = self.directory / data["folder"]
-        return (path, int(data["step"])) if path.is_dir() else None
+        data = read_json_file(index, what="checkpoint index")
+        folder = data.get("folder") if isinstance(data, dict) else None
+        if not isinstance(folder, str) or not re.fullmatch(r"step-\d{7}", folder):
+            raise UserError(f"{index}: names no step-NNNNNNN checkpoint folder")
+        path = self.directory / folder
+        return (path, int(folder[len("step-") :])) if path.is_dir() else None
 
-    def save(self, accelerator, step: int) -> None:
+    def save(self, accelerator, step: int, unet, optimizer, lr_schedule) -> None:
         from synesthesia.utils import atomic_write_text
 
         folder = f"step-{step:07d}"
-        accelerator.save_state(str(self.directory / folder))
+        save_training_state(
+            self.directory / folder, accelerator, unet, optimizer, lr_schedule, TrainState(step=step)
+        )
+        accelerator.wait_for_everyone()  # every rank's RNG is written before latest.json names it
         if accelerator.is_main_process:
             previous = self.latest()
             atomic_write_text(
@@ -140,7 +151,7 @@ def train_unet(
     checkpoints = _Checkpoints(work_dir / "checkpoints")
     start = 0
     if cfg.resume and (latest := checkpoints.latest()) is not None:
-        accelerator.load_state(str(latest[0]))
+        load_training_state(latest[0], accelerator, unet, optimizer, lr_schedule, TrainState())
         start = latest[1]
         logger.info("resumed %s from step %d (%s)", objective, start, latest[0])
     n = target.shape[0]
@@ -185,7 +196,7 @@ def train_unet(
             bar.set_postfix(loss=f"{mean:.4f}")
             running, seen = 0.0, 0
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-            checkpoints.save(accelerator, step + 1)
+            checkpoints.save(accelerator, step + 1, unet, optimizer, lr_schedule)
     accelerator.end_training()
     unet = accelerator.unwrap_model(unet).float().eval()
     return unet, {"steps": steps, "resumed_from": start, "loss_history": history}
