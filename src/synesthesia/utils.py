@@ -87,6 +87,29 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def process_umask() -> int:
+    """The process umask, read from ``/proc`` where it can be (``os.umask`` can only read it by
+    setting it, which races with threads), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(path: str | Path) -> None:
+    """Give ``path`` the permissions a plain ``open``/``mkdir`` would: 0o666 (files) or 0o777
+    (folders) less the umask — 0644/0755 under umask 022. ``mkstemp``/``mkdtemp`` make private
+    0600/0700 temporaries, which would leave published data unreadable to others on a cluster."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~process_umask())
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -99,6 +122,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask_mode(tmp_path)  # published with the umask's permissions, not mkstemp's 0600
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:

@@ -19,6 +19,7 @@ from typing import Any
 
 from synesthesia import UserError, __version__
 from synesthesia.generators.latent_diffusion import MODEL_INDEX, LatentCodec
+from synesthesia.utils import umask_mode
 
 
 def _model_card(name: str, index: dict[str, Any], quality: dict[str, Any], command: str) -> str:
@@ -112,6 +113,7 @@ def save_model(
     """Write the model folder atomically (temp folder, then rename); returns its size in MB."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask_mode(tmp)  # published as a normal folder (mkdtemp makes it 0700)
     try:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")

@@ -50,6 +50,7 @@ from synesthesia.sources.ingest.checks import (
 )
 from synesthesia.sources.ingest.formats import open_source
 from synesthesia.sources.ingest.items import Item
+from synesthesia.utils import umask_mode
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final.parent)  # killed ingests' folders, once past the lease (none held open)
     tmp = Path(tempfile.mkdtemp(prefix=".source-", suffix=".tmp", dir=final.parent))
+    umask_mode(tmp)  # published as a normal folder (mkdtemp makes it 0700)
     try:
         skipped: Counter[str] = Counter()
         chosen: dict[str, Item] = {}  # key -> the first usable item of that key
