@@ -149,9 +149,8 @@ class ShardStream(IterableDataset):
         self.pairs = aligned_shards(
             spec.source_dir, {m: s.directory for m, s in spec.sidecars.items()}, split
         )
-        self.counts = [
-            Manifest.read(spec.source_dir).splits[split][i].samples for i in range(len(self.pairs))
-        ]
+        infos = Manifest.read(spec.source_dir).splits[split]  # once: not once per shard
+        self.counts = [infos[i].samples for i in range(len(self.pairs))]
         self.rank, self.world, self.seed = rank, world, seed
         self.train = train
         self.shuffle_buffer = shuffle_buffer if train else 0
