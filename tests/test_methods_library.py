@@ -560,3 +560,39 @@ def test_methods_train_on_shards_like_the_trainer(tiny_shards, name):
         )
         assert set(report) == set(plain) and all(0.0 <= v <= 1.0 for v in report.values())
         assert all(math.isfinite(v) for v in method.diagnostics(model, next(iter(loader.epoch(1)))).values())
+
+
+def test_robustness_report_streams_the_split(teacher):
+    """The teacher's robustness report reads its split batch by batch (one pass per corruption):
+    the figures equal those of the whole split in memory, and no more than a couple of batches
+    are alive at once, whatever the split's length."""
+    import gc
+    import weakref
+
+    from accelerate import Accelerator
+
+    from synesthesia.train.evaluate import robustness_report
+
+    class Loader:  # ShardLoader's eval interface: a fixed order, a fresh pass per call
+        def __init__(self, n: int):
+            self.n, self.alive, self.most = n, set(), 0
+
+        def epoch(self, epoch: int):
+            for seed in range(self.n):
+                batch = make_batch(6, seed=seed)
+                token = (epoch, seed, len(self.alive), id(batch))
+                self.alive.add(token)
+                weakref.finalize(batch["rgb"], self.alive.discard, token)  # alive while the batch is
+                self.most = max(self.most, len(self.alive))
+                yield batch
+                gc.collect()
+
+    teacher.eval()
+    loader = Loader(12)
+    report = robustness_report(teacher, None, loader, Accelerator(cpu=True), seed=3)
+    assert loader.most <= 3, loader.most
+    whole = [make_batch(6, seed=s) for s in range(12)]
+    expected = modality_robustness(teacher_predict(teacher), whole, list(SPECS), "gaussian", 3)
+    for name, value in expected.items():
+        assert report["robustness"][name] == pytest.approx(value), name
+    assert {f"shuffled/{m}" for m in SPECS} <= set(report["robustness"]) and report["diagnostics"]

@@ -13,6 +13,7 @@ counts are summed with one ``accelerator.reduce`` at the end.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -115,7 +116,7 @@ def robustness_report(teacher: torch.nn.Module, objective, loader: ShardLoader, 
     (:func:`~synesthesia.methods.teacher_probes.modality_robustness`, seeded),
     averaged over ranks by sample count. ``diagnostics``: the objective's
     ``diagnostics`` (else :func:`~synesthesia.methods.teacher_probes.teacher_diagnostics`)
-    on the first batch this process reads: per-modality contribution (CE
+    on the first batch this process reads (of at least 2 samples): per-modality contribution (CE
     without m − CE with all), accuracy without m, stable rank of each
     modality's pooled tokens and stable/effective rank of the fused CLS features.
     """
@@ -129,20 +130,33 @@ def robustness_report(teacher: torch.nn.Module, objective, loader: ShardLoader, 
         return inner(to_device(batch, accelerator.device)).float().cpu()
 
     modalities = list(teacher.modalities)
-    batches = list(loader.epoch(0))
-    count = sum(int(b["label"].numel()) for b in batches)
+    # streamed: one pass of the split per corruption (the loader's eval order is fixed), never
+    # the whole split in memory
+    seen = {"count": 0, "first": None}
+
+    def counted(batches):
+        for batch in batches:
+            seen["count"] += int(batch["label"].numel())
+            if seen["first"] is None and batch["label"].numel() >= 2:
+                seen["first"] = batch
+            yield batch
+
     local: dict[str, float] = {}
     diagnostics: dict[str, float] = {}
-    if count:
+    batches = loader.epoch(0)
+    head = next(batches, None)
+    if head is not None:
         with accelerator.autocast():
-            local = modality_robustness(predict, batches, modalities, "gaussian", seed)
-            shuffled = modality_robustness(predict, batches, modalities, "shuffle", seed)
+            local = modality_robustness(
+                predict, counted(itertools.chain([head], batches)), modalities, "gaussian", seed
+            )
+            shuffled = modality_robustness(predict, loader.epoch(0), modalities, "shuffle", seed)
             local.update({f"shuffled/{m}": shuffled[f"corrupted/{m}"] for m in modalities})
-            first = next((b for b in batches if b["label"].numel() >= 2), None)
-            if first is not None:
+            if seen["first"] is not None:
                 source = objective.diagnostics if objective is not None else teacher_diagnostics
-                report = source(teacher, to_device(first, accelerator.device))
+                report = source(teacher, to_device(seen["first"], accelerator.device))
                 diagnostics = {k: float(v) for k, v in report.items()}
+    count = seen["count"]
     parts = gather_object([(count, local, diagnostics)])
     total = sum(n for n, _, _ in parts)
     report = {}
