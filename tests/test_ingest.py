@@ -115,7 +115,7 @@ def test_ingest_real_fixtures_intact_and_reproducible(tmp_path, fixtures, fixtur
     # and a rerun in place replaces the set whole: same shards, no leftovers
     assert main(["ingest", str(pipeline), f"source={fixture_folder}", "--out", str(out1)]) == 0
     assert _tar_bytes(source) == _tar_bytes(out2 / "fx" / "source")
-    assert sorted(p.name for p in (out1 / "fx").iterdir()) == ["source"]
+    assert sorted(p.name for p in (out1 / "fx").iterdir()) == ["README.md", "source"]  # + the card
 
 
 def test_invalid_wav_fixture_is_skipped(tmp_path, fixtures, caplog):

@@ -44,7 +44,8 @@ def root(tmp_path) -> Path:
             "class": "TAEGenerator",
             "modality": "depth",
             "mode": "encode",
-            "weights_sha256": "ab",
+            "weights": "taef2",
+            "sha256": "ab",
         },
         latent_spec={"kind": "spatial", "shape": [32, 8, 8], "dtype": "float16"},
         channel_stats={"mean": [0.0], "std": [1.0]},
@@ -63,6 +64,8 @@ def test_find_sets_and_describe(root):
     assert info["bytes"] == sum(p.stat().st_size for p in (root / "source").glob("*.tar"))
     lat = describe(root / "latents" / "tae-depth")
     assert lat["generator"]["name"] == "tae" and lat["latent_spec"]["shape"] == [32, 8, 8]
+    # generators record their weights' digest as ``sha256``; inspect shows it as weights_sha256
+    assert lat["generator"]["weights"] == "taef2" and lat["generator"]["weights_sha256"] == "ab"
 
 
 def test_find_sets_ignores_sets_being_written(root):

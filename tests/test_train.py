@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 from tests.stage2_shards import TINY_DECODED_TEACHER, TINY_TRAIN, write_tiny_dataset
@@ -63,6 +64,10 @@ def test_teacher_student_export_and_eval(shards, tmp_path, capsys):
     plain.load_state_dict(load_file(str(run / "best" / "model.safetensors")))
     rgb = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(rgb).logits, plain.eval()(rgb).logits)
+    # and it is a plain timm model: timm alone loads it, with the run's classes and normalisation
+    timm_model = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    torch.testing.assert_close(timm_model(rgb), plain(rgb).logits)
+    assert len(timm_model.pretrained_cfg["label_names"]) == 3 and timm_model.pretrained_cfg["crop_pct"] == 1.0
     # synesthesia eval agrees with the test figure in metrics.json
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text("name: pipeline\n")
@@ -192,7 +197,7 @@ def test_cotrain_trains_on_token_features_and_exports_the_rgb_branch(shards, tmp
     plain = build_student(cfg.student, 3, 32)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
     exported = load_file(str(run / "export" / "model.safetensors"))
-    assert set(exported) == set(plain.state_dict())
+    assert set(exported) == set(plain.model.state_dict())  # the timm model's own keys
     plain.load_state_dict(load_file(str(run / "best" / "model.safetensors")))
     rgb = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(rgb).logits, plain.eval()(rgb).logits)

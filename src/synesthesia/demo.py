@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from synesthesia.ablate.stats import wilson_interval
-from synesthesia.config import PipelineConfig, config_hash, replace, write_resolved, written_config
+from synesthesia.config import (
+    PipelineConfig,
+    comparable,
+    config_hash,
+    replace,
+    write_resolved,
+    written_config,
+)
 from synesthesia.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -48,7 +55,7 @@ def _finished(run: Path, cfg: PipelineConfig) -> dict[str, Any] | None:
     if not path.is_file() or not written.is_file():
         return None
     ran = written_config(json.loads(written.read_text()).get("config") or {})
-    if ran is None or config_hash(ran) != config_hash(cfg):
+    if ran is None or config_hash(comparable(ran)) != config_hash(comparable(cfg)):
         return None
     metrics = json.loads(path.read_text())
     return metrics if (metrics.get("test") or {}).get("accuracy") is not None else None

@@ -2,15 +2,19 @@
 
 :func:`plan` counts, before any work, the cells, teachers, KD tuning runs and
 stage-one sets of the grid, which of them a previous run already finished, and
-estimates the time of the rest from the constants below (per sample and epoch,
-measured on a 2-core CPU). Its ``lines`` are what ``synesthesia ablate --plan``
-prints and what a run logs first.
+estimates the time of the rest on the device the runs will use (:func:`device_name`): from
+the training speed (``train_samples_per_s``) of the newest finished runs under the runs root
+on that kind of device (:func:`measured_speed`) and the stage-one speed of the sets already
+written, else from the constants below (measured on a 2-core CPU, and said so). Its ``lines``
+are what ``synesthesia ablate --plan`` prints and what a run logs first.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from synesthesia.ablate.grid import Cell, read_results
 from synesthesia.ablate.kd_tuning import tune_seed
@@ -28,6 +32,68 @@ EST_STUDENT_S_PER_SAMPLE_EPOCH = 0.018
 EST_TEACHER_S_PER_SAMPLE_EPOCH = 0.0075
 EST_STAGE_ONE_S_PER_SAMPLE = 0.03
 EST_RUN_OVERHEAD_S = 10.0  # model build, accelerate, val and test evaluation, checkpoint, export
+MEASURED_RUNS = 20  # the newest finished runs a measured speed is the median of
+
+
+def plan_device(device: str) -> str:
+    """``cuda`` or ``cpu``: what ``train.device`` runs on here."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(kind: str) -> str:
+    """The device in words: the GPU's name, or ``CPU, N cores``."""
+    if kind == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"CPU, {os.cpu_count() or 1} cores"
+
+
+def measured_speed(runs: Path, kind: str) -> dict[str, tuple[float, int]]:
+    """stage (teacher, student) → (median training samples/s, runs measured) of the newest
+    :data:`MEASURED_RUNS` finished runs under ``runs`` (``<pipeline>/<run>/metrics.json``) that
+    trained on ``kind`` (cuda or cpu) in one process."""
+    from synesthesia.shards.schema import read_json_file
+
+    found: dict[str, list[float]] = {}
+    paths = sorted(runs.glob("*/*/metrics.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in paths[: MEASURED_RUNS * 4]:
+        try:
+            metrics: Any = read_json_file(path, "metrics.json")
+        except Exception:  # noqa: BLE001 - someone else's file: unreadable is unmeasured
+            continue
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("timing"), dict):
+            continue
+        speed, stage = metrics.get("train_samples_per_s"), metrics.get("stage")
+        if metrics["timing"].get("device") != kind or metrics.get("processes", 1) != 1:
+            continue
+        if not (isinstance(speed, int | float) and speed > 0 and stage in ("teacher", "student")):
+            continue
+        if len(found.setdefault(stage, [])) < MEASURED_RUNS:
+            found[stage].append(float(speed))
+    return {stage: (sorted(v)[len(v) // 2], len(v)) for stage, v in found.items()}
+
+
+def measured_stage_one(dirs: list[Path]) -> float | None:
+    """Seconds per sample of the stage-one sets already written among ``dirs`` (their
+    throughput.json), or None when none is."""
+    from synesthesia.shards.schema import read_json_file
+
+    samples = wall = 0.0
+    for d in dirs:
+        if not (d / "throughput.json").is_file():
+            continue
+        try:
+            total = (read_json_file(d / "throughput.json", "throughput.json") or {}).get("total") or {}
+            samples += float(total.get("samples", 0))
+            wall += float(total.get("wall_s", 0.0))
+        except Exception:  # noqa: BLE001 - unreadable is unmeasured
+            continue
+    return wall / samples if samples > 0 and wall > 0 else None
 
 
 @dataclass
@@ -58,15 +124,25 @@ def plan(ablation: Ablation) -> Plan:
     n_all = sum(counts.get(s, 0) for s in ablation.cfg.shard.splits)
     t_cfg = replace(ablation.cfg, ablation.cfg.ablate.teacher_overrides)
     t_epochs = t_cfg.teacher.epochs or t_cfg.train.epochs
-    student_s = EST_RUN_OVERHEAD_S + EST_STUDENT_S_PER_SAMPLE_EPOCH * n_train * ablation.cfg.train.epochs
-    teacher_s = EST_RUN_OVERHEAD_S + EST_TEACHER_S_PER_SAMPLE_EPOCH * n_train * t_epochs
+    kind = plan_device(ablation.cfg.train.device)
+    speed = measured_speed(ablation.runs, kind)
+    per_sample_epoch = {
+        stage: 1.0 / speed[stage][0] if stage in speed else constant
+        for stage, constant in (
+            ("student", EST_STUDENT_S_PER_SAMPLE_EPOCH),
+            ("teacher", EST_TEACHER_S_PER_SAMPLE_EPOCH),
+        )
+    }
+    student_s = EST_RUN_OVERHEAD_S + per_sample_epoch["student"] * n_train * ablation.cfg.train.epochs
+    teacher_s = EST_RUN_OVERHEAD_S + per_sample_epoch["teacher"] * n_train * t_epochs
 
+    all_dirs = [d for source in ablation.sources for d in sidecar_dirs(ablation.cfg, ablation.shards, source)]
+    stage_one_s = measured_stage_one(all_dirs)
     sets, estimate = [], 0.0
-    for source in ablation.sources:
-        for d in sidecar_dirs(ablation.cfg, ablation.shards, source):
-            sets.append(str(d.relative_to(ablation.shards)))
-            if not (d / "manifest.json").is_file():
-                estimate += EST_STAGE_ONE_S_PER_SAMPLE * n_all
+    for d in all_dirs:
+        sets.append(str(d.relative_to(ablation.shards)))
+        if not (d / "manifest.json").is_file():
+            estimate += (stage_one_s or EST_STAGE_ONE_S_PER_SAMPLE) * n_all
     teachers_todo = [s for s in ablation.sources if _finished(ablation.teacher_run(s)) is None]
     estimate += teacher_s * len(teachers_todo)
     tune_todo = 0
@@ -95,8 +171,25 @@ def plan(ablation: Ablation) -> Plan:
         ),
         f"  to do: {len(todo_cells)} of {len(ablation.cells)} cells, {len(teachers_todo)} teacher(s), "
         f"{tune_todo} tuning run(s) — {todo_students + len(teachers_todo)} training runs, "
-        f"estimate {estimate / 60:.0f} min on a 2-core CPU (~{student_s:.0f} s per student run)",
+        f"estimate {estimate / 60:.0f} min on {device_name(kind)} (~{student_s:.0f} s per student run)",
     ]
+    lines.insert(2, "  " + _basis(speed, stage_one_s, ablation.runs))
     return Plan(
         ablation.cells, ablation.sources, tune_runs, sets, todo_students + len(teachers_todo), estimate, lines
     )
+
+
+def _basis(speed: dict[str, tuple[float, int]], stage_one_s: float | None, runs: Path) -> str:
+    """What the estimate rests on, in words."""
+    parts = [
+        f"{stage}s: {speed[stage][0]:.1f} samples/s, the median of {speed[stage][1]} run(s) under {runs}"
+        if stage in speed
+        else f"{stage}s: a constant measured on a 2-core CPU (no finished {stage} run under {runs} on this device)"
+        for stage in ("teacher", "student")
+    ]
+    parts.append(
+        f"stage one: {stage_one_s * 1000:.1f} ms/sample, measured on the sets written"
+        if stage_one_s is not None
+        else "stage one: a constant measured on a 2-core CPU"
+    )
+    return "estimated from " + "; ".join(parts)

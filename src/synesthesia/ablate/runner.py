@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -71,6 +70,7 @@ from synesthesia.ablate.runs import (
 )
 from synesthesia.ablate.stage_one_sets import data_overrides, sidecar_dirs, stage_one_overrides
 from synesthesia.config import PipelineConfig, config_hash, replace
+from synesthesia.progress import progress
 from synesthesia.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,6 @@ class Ablation:
         self.sources = teacher_sources(self.cells)
         self.grid = kd_grid(self.cfg) if "kd" in cfg.ablate.methods else []
         self.tuned = len(self.grid) > 1
-        self._durations: list[float] = []
 
     # -- commands
 
@@ -267,7 +266,6 @@ class Ablation:
             start = time.perf_counter()
             metrics = loop.train(run_cfg, self.runs, resume=resume)
             seconds = time.perf_counter() - start
-            self._durations.append(seconds)
             if run.is_dir():
                 atomic_write_text(run / TIMING, json.dumps({"seconds": seconds}) + "\n")
         else:
@@ -313,14 +311,11 @@ class Ablation:
         none_cost = {"stage1_s_per_sample": 0.0, "stage1_bytes_per_sample": 0.0, "stage1_seconds": 0.0}
         costs["none"] = {**none_cost, "stage1_command": ""}
         done = read_results(self.out)
-        remaining = plan.todo_runs
+        runs_done = progress(total=plan.todo_runs, desc=f"ablation {self.cfg.name}", unit="run")
 
         def tick(what: str) -> None:
-            nonlocal remaining
-            remaining = max(0, remaining - 1)
-            if self._durations:
-                eta = statistics.fmean(self._durations) * remaining
-                logger.info("%s done; %d run(s) left, about %.0f min", what, remaining, eta / 60)
+            runs_done.set_postfix(last=what)
+            runs_done.update(1)
 
         teachers: dict[str, dict[str, Any]] = {}
         for source in self.sources:
@@ -368,6 +363,7 @@ class Ablation:
             done[cell.name] = append_row(self.out, {"cell": cell.name, **asdict(cell), **row})
             if fresh:
                 tick(cell.name)
+        runs_done.close()
         path = self.report()
         logger.info("ablation %s: %s (%.1f min)", self.cfg.name, path, (time.perf_counter() - start) / 60)
         return path

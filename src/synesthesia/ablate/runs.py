@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synesthesia.config import PipelineConfig, config_hash, to_dict, written_config
+from synesthesia.config import PipelineConfig, comparable, config_hash, to_dict, written_config
 
 TIMING = "ablate_time.json"  # written into each run folder by the ablation: wall seconds of train()
 CURVE_POINTS = 200  # loss curves kept in results.jsonl are thinned to about this many points
@@ -56,7 +56,7 @@ def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
         cfg = written_config(cfg)
         if cfg is None:
             return None
-    data = to_dict(cfg)
+    data = to_dict(comparable(cfg))
     data.pop("ablate", None)
     return config_hash(data)
 

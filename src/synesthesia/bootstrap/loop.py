@@ -16,7 +16,7 @@ sampler visits (as few-step fine-tuning of Marigold does), ``uniform`` at all.
 The regression objective feeds ``[c ; 0]`` at timestep 0 and regresses x₀.
 
 :func:`train_unet` is an accelerate loop (mixed precision, gradient clipping,
-warmup + cosine LR, trackers, a tqdm progress bar, `checkpoints
+warmup + cosine LR, trackers, progress (a bar or log lines: :mod:`synesthesia.progress`), `checkpoints
 kept by :class:`_Checkpoints`: safetensors and JSON, never a pickle, as stage two's). A batch's indices and noise are functions of
 (seed, step) alone, so resuming from a checkpoint continues exactly where the
 run stopped.
@@ -128,7 +128,8 @@ def train_unet(
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_cosine_schedule_with_warmup
-    from tqdm.auto import tqdm
+
+    from synesthesia.progress import progress
 
     set_seed(cfg.seed)
     accelerator = Accelerator(
@@ -158,11 +159,12 @@ def train_unet(
     per_epoch = max(1, n // cfg.batch_size)
     history: list[list[float]] = []
     running, seen = 0.0, 0
-    bar = tqdm(
+    bar = progress(
         range(start, steps),
+        desc=objective,
+        unit="step",
         initial=start,
         total=steps,
-        desc=objective,
         disable=not accelerator.is_main_process,
     )
     unet.train()

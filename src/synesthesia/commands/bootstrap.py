@@ -13,7 +13,8 @@ def add_arguments(parser):
         "overrides",
         nargs="*",
         metavar="key.sub=value",
-        help="config overrides, e.g. steps=500 or bootstrap.seed=1",
+        help="config overrides, e.g. steps=500 or bootstrap.seed=1 "
+        "(`synesthesia config PIPELINE` lists every key, its default and what it does)",
     )
     parser.add_argument(
         "--out", default=None, help="root of the model folders (default: bootstrap.out, models)"

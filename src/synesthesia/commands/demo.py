@@ -10,7 +10,12 @@ def add_arguments(parser):
         default="pipelines/demo.yaml",
         help="pipeline YAML file (default: pipelines/demo.yaml)",
     )
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides (`synesthesia config PIPELINE` lists every key)",
+    )
     parser.add_argument(
         "--out", default="results", help="where summary.md goes: <out>/<name>/ (default: results)"
     )

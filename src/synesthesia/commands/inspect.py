@@ -1,4 +1,5 @@
-"""`synesthesia inspect PATH [--verify]`: splits, counts, modalities, latent specs, generator identity.
+"""`synesthesia inspect PATH [--verify]`: splits, counts, modalities, latent specs, generator identity,
+the software versions that wrote each set.
 
 Source sets also show each split's label mixing across shards; a train split
 that looks class-sorted gets a ``warning:`` line on stderr (in ``--json``
@@ -55,6 +56,9 @@ def run(args) -> int:
                 print(f"  generator: {json.dumps(info['generator'], sort_keys=True)}")
             if info.get("latent_spec"):
                 print(f"  latent spec: {json.dumps(info['latent_spec'], sort_keys=True)}")
+            if info.get("software"):
+                versions = ", ".join(f"{k} {v}" for k, v in info["software"].items() if v is not None)
+                print(f"  written with: {versions}")
             if info.get("skipped"):
                 print(f"  skipped: {json.dumps(info['skipped'], sort_keys=True)}")
             if args.verify:

@@ -12,7 +12,7 @@ config hash), ``checks`` (every number's bounds, the names that become folders),
 importable from ``synesthesia.config``.
 """
 
-from synesthesia.config.building import build, config_hash, to_dict, written_config
+from synesthesia.config.building import build, comparable, config_hash, to_dict, written_config
 from synesthesia.config.checks import BOUNDS, check_pipeline, check_section
 from synesthesia.config.loading import (
     apply_overrides,
@@ -51,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "build",
+    "comparable",
     "check_pipeline",
     "check_section",
     "config_hash",

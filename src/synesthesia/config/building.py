@@ -2,7 +2,10 @@
 
 :func:`build` checks every value against its field's annotation (nested
 dataclasses, lists, dicts, optionals, unions) and rejects unknown keys, naming
-the valid ones; :func:`to_dict` is its inverse; :func:`config_hash` hashes a
+the valid ones; a :class:`YamlScalar` (a plain YAML scalar that read as a boolean, number or
+date, with its source text) is its value, except for a ``str`` field, which takes the text
+(``run_name: 2024`` is ``"2024"``, ``yes`` is ``"yes"``; a mixed ``str | bool`` field reads it as
+YAML does); :func:`to_dict` is its inverse; :func:`config_hash` hashes a
 config's canonical JSON (what run folders and stage-one caches key on);
 :func:`written_config` reads a run's written ``config.json`` back, or None when
 it no longer builds under this version.
@@ -13,12 +16,35 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from typing import Any, Union
 
 from synesthesia import UserError
 from synesthesia.config.sections import PipelineConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class YamlScalar:
+    """A plain YAML scalar that read as a boolean, number or date, and the text it was written as."""
+
+    value: Any
+    text: str
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every :class:`YamlScalar` replaced by its value (YAML's reading)."""
+    if isinstance(value, YamlScalar):
+        return value.value
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def _type_name(tp: Any) -> str:
@@ -30,16 +56,17 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return plain(value)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        members = [arg for arg in args if arg is not type(None)]
+        if members == [str]:  # str | None: a string field
+            return _convert(value, str, where)
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in members:  # a mixed field (str | bool): YAML's reading decides
             try:
-                return _convert(value, arg, where)
+                return _convert(plain(value) if arg is str else value, arg, where)
             except UserError as exc:
                 errors.append(str(exc))
         raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
@@ -58,6 +85,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"{where}: expected a mapping, got {value!r}")
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, YamlScalar):  # `run_name: 2024`, `yes`: the text as written
+            return value.text
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    value = plain(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -75,10 +109,6 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         raise UserError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise UserError(f"{where}: expected a string, got {value!r}")
     raise UserError(f"{where}: unsupported type {_type_name(tp)}")
 
 
@@ -110,6 +140,17 @@ def config_hash(data: Any) -> str:
         data = to_dict(data)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def comparable(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with what the launcher decides resolved, to compare two runs' configs by hash:
+    ``train.precision`` unset (the launcher's choice) is the ``ACCELERATE_MIXED_PRECISION`` the
+    launcher set, else ``"no"`` — so a run written as ``precision: "no"`` (the default before it
+    could be unset) is the same run as an unset one trained without a launcher's precision."""
+    if cfg.train.precision is not None:
+        return cfg
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=launched))
 
 
 def written_config(data: dict[str, Any]) -> PipelineConfig | None:

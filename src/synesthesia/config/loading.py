@@ -2,7 +2,9 @@
 
 :func:`load_pipeline` reads a YAML file (``yaml.safe_load``) and applies
 ``key.sub=value`` overrides (:func:`parse_override`: the value is read as YAML,
-so ``train.modalities=[depth]`` is a list; :func:`apply_overrides`: a bare key
+so ``train.modalities=[depth]`` is a list; a plain scalar that YAML reads as a boolean,
+number or date keeps its text, so a string field takes ``train.run_name=2024`` as ``"2024"``
+and ``yes`` as ``"yes"``, in a file as on the command line; :func:`apply_overrides`: a bare key
 is looked up in the section of the verb being run); :func:`replace` overrides a
 built config; :func:`write_resolved` writes the config a run used, with its hash. Both
 end in :func:`~synesthesia.config.checks.check_pipeline` (every number bounded, every
@@ -24,7 +26,7 @@ from typing import Any
 import yaml
 
 from synesthesia import UserError
-from synesthesia.config.building import build, config_hash, to_dict
+from synesthesia.config.building import YamlScalar, build, config_hash, plain, to_dict
 from synesthesia.config.checks import check_pipeline
 from synesthesia.config.sections import PipelineConfig
 from synesthesia.utils import UnsafeFile, read_regular_file
@@ -35,6 +37,32 @@ MAX_VALUES = 100_000  # YAML nodes once aliases are expanded
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where there is one: ~20x faster
+
+
+class _TextLoader(_LOADER):
+    """The safe loader, its plain booleans, numbers and dates wrapped as :class:`YamlScalar`."""
+
+
+def _keeping_text(construct):
+    def wrapped(loader, node):
+        value = construct(loader, node)
+        return YamlScalar(value, node.value) if not node.style else value  # plain: None or ""
+
+    return wrapped
+
+
+for _tag in ("bool", "int", "float", "timestamp"):
+    _tag = f"tag:yaml.org,2002:{_tag}"
+    _TextLoader.add_constructor(_tag, _keeping_text(_LOADER.yaml_constructors[_tag]))
+
+
+def _plain_keys(data: Any) -> Any:
+    """Mapping keys as YAML reads them (only values keep their text)."""
+    if isinstance(data, dict):
+        return {plain(k): _plain_keys(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_plain_keys(v) for v in data]
+    return data
 
 
 def _check_events(text: str, where: str) -> None:
@@ -74,10 +102,13 @@ def _check_events(text: str, where: str) -> None:
             stack[-1][1] += size
 
 
-def _safe_load(text: str, where: str) -> Any:
-    """``yaml.safe_load`` within the limits above: a UserError past them, yaml.YAMLError for bad syntax."""
+def _safe_load(text: str, where: str, keep_text: bool = False) -> Any:
+    """``yaml.safe_load`` within the limits above: a UserError past them, yaml.YAMLError for bad syntax.
+    With ``keep_text``, plain booleans, numbers and dates are :class:`YamlScalar` (value and text)."""
     _check_events(text, where)
     try:
+        if keep_text:
+            return _plain_keys(yaml.load(text, Loader=_TextLoader))  # noqa: S506 - a safe loader
         return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
         raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
@@ -91,14 +122,15 @@ def _problem(exc: yaml.YAMLError) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.0.c=value`` → (["a", "b", "0", "c"], value parsed as YAML)."""
+    """``a.b.0.c=value`` → (["a", "b", "0", "c"], value parsed as YAML, its plain booleans and
+    numbers as :class:`YamlScalar`, so a string field takes them as written)."""
     if "=" not in text:
         raise UserError(f"override {text!r} is not of the form key.sub=value")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"override {text!r} has an empty key")
     try:
-        value = _safe_load(raw, f"override {key}") if raw != "" else ""
+        value = _safe_load(raw, f"override {key}", keep_text=True) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -146,9 +178,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], section: str | N
 # ----------------------------------------------------------------------------- loading
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, keep_text: bool = False) -> dict[str, Any]:
     """A pipeline file's mapping; anything but a regular file of at most 1 MB of UTF-8 YAML
-    within the nesting and alias limits is a one-line UserError."""
+    within the nesting and alias limits is a one-line UserError. ``keep_text``: plain booleans,
+    numbers and dates are :class:`YamlScalar` (what :func:`build` reads)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"pipeline file not found: {path}")
@@ -167,14 +200,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
-        data = _safe_load(text, str(path))
+        data = _safe_load(text, str(path), keep_text)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({_problem(exc)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         kind = {list: "a list", str: "a string", int: "a number", float: "a number"}.get(
-            type(data), "a scalar"
+            type(plain(data)), "a scalar"
         )
         raise UserError(f"{path}: a pipeline file must be a mapping of sections, got {kind}")
     return data
@@ -184,7 +217,7 @@ def load_pipeline(
     path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), section: str | None = None
 ) -> PipelineConfig:
     """Load a pipeline YAML file (or the defaults when ``path`` is None) with overrides."""
-    data = load_yaml(path) if path is not None else {}
+    data = load_yaml(path, keep_text=True) if path is not None else {}
     if path is not None and "name" not in data:
         data["name"] = Path(path).stem
     apply_overrides(data, list(overrides), section)

@@ -200,12 +200,17 @@ class TrainConfig:
     warmup_steps: int = 50
     grad_accum: int = 1
     clip_grad: float = 1.0
-    precision: str = "no"  # no | bf16 | fp16
+    # None: the launcher's choice (accelerate launch --mixed_precision or accelerate config; else
+    # no) | no | bf16 | fp16 (this one, whatever the launcher says)
+    precision: str | None = None
     num_workers: int = 1
     shuffle_buffer: int = 1000
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     log_with: str = "jsonl"  # jsonl (local, <run>/logs) | tensorboard | wandb | ... | comma-separated | none
+    # per tracker named in log_with, the keyword arguments its run starts with (accelerate's
+    # init_trackers init_kwargs), e.g. {wandb: {name: run-1, entity: me, tags: [kd]}}
+    tracker_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # train images: aligned (random crop + flip, the image-aligned privileged inputs cropped and
     # flipped alike) | rgb (the RGB only) | none (the eval resize + centre crop); a legacy bool
     # reads as rgb (true) or none (false). See train/samples.py.

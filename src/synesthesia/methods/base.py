@@ -79,6 +79,10 @@ class Method(nn.Module):
 
     needs_teacher: bool = False
     stage: str = "student"
+    # whether some of the trainee's parameters (the method's or the model's) may get no gradient
+    # on a step: DDP must then look for them after each backward (find_unused_parameters), else
+    # it fails with "Expected to have finished reduction in the prior iteration"
+    find_unused_parameters: bool = False
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext):
         super().__init__()

@@ -2,14 +2,14 @@
 
 A student is any timm model (``timm.create_model(name, pretrained=...,
 num_classes=..., img_size=...)``) or one of the project's small variants in
-:data:`STUDENTS` (built from timm's own ``VisionTransformer``, ``ResNet`` and
-``ConvNeXt`` classes, sized for the 64×64 procedural scenes):
+:data:`STUDENTS`: a timm architecture with changed arguments (:class:`TimmVariant`),
+sized for the 64×64 procedural scenes, so that timm alone rebuilds it:
 
 =================  ===========================================================
-``vit_tiny_scenes``  ViT, patch 8, width 192, depth 6, 3 heads (DeiT-Ti width)
-``vit_micro_test``   ViT, patch 8, width 32, depth 3, 2 heads (tests)
-``resnet_scenes``    ResNet, BasicBlock ×(1,1,1,1), widths 32-64-128-256
-``cnn_micro_test``   ConvNeXt, depths (1,1,1,1), widths 8-16-16-32, stem 2 (tests)
+``vit_tiny_scenes``  ``vit_tiny_patch16_224``, patch 8, depth 6 (width 192, 3 heads)
+``vit_micro_test``   ``vit_tiny_patch16_224``, patch 8, width 32, depth 3, 2 heads (tests)
+``resnet_scenes``    ``resnet18``, BasicBlock ×(1,1,1,1), widths 32-64-128-256
+``cnn_micro_test``   ``convnext_tiny``, depths (1,1,1,1), widths 8-16-16-32, stem 2 (tests)
 =================  ===========================================================
 
 Intermediate features come from timm's ``forward_intermediates``; the layer
@@ -20,20 +20,19 @@ mean of the tokens for a ViT without them, the global average of stage ``l``'s
 map for a CNN; ``tokens[l]`` is the same layer as a (B, N_l, D_l) token
 sequence (a ViT's patch tokens, a CNN's map flattened), which token-level
 methods (``cotrain``) read. The exported student is this module alone: a method's heads live
-in the method, never here.
+in the method, never here. ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``
+write and read that export (``synesthesia.train.export``): plain timm weights and config.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from timm.models.convnext import ConvNeXt
-from timm.models.resnet import BasicBlock, ResNet
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from synesthesia import UserError
@@ -41,58 +40,52 @@ from synesthesia.config import StudentConfig, build, to_dict
 from synesthesia.models.outputs import StudentOutput
 from synesthesia.registry import Registry
 
-#: Project variants: name → factory(num_classes, image_size, drop_path) returning a timm model.
-STUDENTS: Registry[Callable[..., nn.Module]] = Registry("student")
+
+@dataclass(frozen=True)
+class TimmVariant:
+    """A project student: a timm architecture with its arguments changed.
+
+    ``timm.create_model(architecture, num_classes=..., [img_size=...,] **model_args)``
+    builds it, so an export's ``config.json`` (``architecture`` + ``model_args``)
+    rebuilds it with timm alone.
+    """
+
+    architecture: str
+    model_args: dict[str, Any]
+    sized: bool  # takes img_size (ViTs); CNNs take any input size
+
+    def __call__(self, num_classes: int, image_size: int, drop_path: float = 0.0) -> nn.Module:
+        size = {"img_size": image_size} if self.sized else {}
+        return timm.create_model(
+            self.architecture, num_classes=num_classes, drop_path_rate=drop_path, **size, **self.model_args
+        )
 
 
-@STUDENTS.register("vit_tiny_scenes")
-def vit_tiny_scenes(num_classes: int, image_size: int, drop_path: float = 0.0) -> nn.Module:
-    return VisionTransformer(
-        img_size=image_size,
-        patch_size=8,
-        embed_dim=192,
-        depth=6,
-        num_heads=3,
-        num_classes=num_classes,
-        drop_path_rate=drop_path,
+#: Project variants: name → TimmVariant, called as factory(num_classes, image_size, drop_path).
+STUDENTS: Registry[TimmVariant] = Registry("student")
+STUDENTS.register("vit_tiny_scenes")(
+    TimmVariant("vit_tiny_patch16_224", {"patch_size": 8, "depth": 6}, sized=True)
+)
+STUDENTS.register("vit_micro_test")(
+    TimmVariant(
+        "vit_tiny_patch16_224",
+        {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_ratio": 2.0},
+        sized=True,
     )
-
-
-@STUDENTS.register("vit_micro_test")
-def vit_micro_test(num_classes: int, image_size: int, drop_path: float = 0.0) -> nn.Module:
-    return VisionTransformer(
-        img_size=image_size,
-        patch_size=8,
-        embed_dim=32,
-        depth=3,
-        num_heads=2,
-        mlp_ratio=2.0,
-        num_classes=num_classes,
-        drop_path_rate=drop_path,
+)
+STUDENTS.register("resnet_scenes")(
+    TimmVariant(
+        "resnet18", {"layers": (1, 1, 1, 1), "channels": (32, 64, 128, 256), "stem_width": 32}, sized=False
     )
-
-
-@STUDENTS.register("resnet_scenes")
-def resnet_scenes(num_classes: int, image_size: int, drop_path: float = 0.0) -> nn.Module:
-    return ResNet(
-        block=BasicBlock,
-        layers=(1, 1, 1, 1),
-        channels=(32, 64, 128, 256),
-        stem_width=32,
-        num_classes=num_classes,
-        drop_path_rate=drop_path,
+)
+STUDENTS.register("cnn_micro_test")(
+    TimmVariant(
+        "convnext_tiny", {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 32), "patch_size": 2}, sized=False
     )
+)
 
-
-@STUDENTS.register("cnn_micro_test")
-def cnn_micro_test(num_classes: int, image_size: int, drop_path: float = 0.0) -> nn.Module:
-    return ConvNeXt(
-        depths=(1, 1, 1, 1),
-        dims=(8, 16, 16, 32),
-        patch_size=2,
-        num_classes=num_classes,
-        drop_path_rate=drop_path,
-    )
+# torch.export flattens and rebuilds StudentOutput, so an exported Student returns one too
+torch.export.register_dataclass(StudentOutput, serialized_type_name="synesthesia.StudentOutput")
 
 
 def create_backbone(cfg: StudentConfig, num_classes: int, image_size: int) -> nn.Module:
@@ -195,6 +188,29 @@ class Student(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild this student (JSON-able); weights go beside it."""
         return {"config": to_dict(self.cfg), "num_classes": self.num_classes, "image_size": self.image_size}
+
+    def save_pretrained(self, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
+        """Write the export folder (timm weights, timm config.json, model card); ``info`` as in
+        :func:`~synesthesia.train.export.export_student`, by default what this student was loaded with."""
+        from synesthesia.train.export import export_student
+
+        return export_student(self, folder, getattr(self, "export_info", {}) if info is None else info)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> Student:
+        """An export folder, a student run folder or a Hub repo id (see ``load_student``)."""
+        from synesthesia.train.export import load_student
+
+        return load_student(name_or_path, **kwargs)
+
+    def push_to_hub(self, repo_id: str, info: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Export to a temporary folder and upload it (see ``synesthesia.train.export.push_to_hub``)."""
+        import tempfile
+
+        from synesthesia.train.export import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_to_hub(self.save_pretrained(tmp, info), repo_id, **kwargs)
 
     @classmethod
     def from_config_dict(cls, data: dict[str, Any]) -> Student:

@@ -1,4 +1,5 @@
-"""Shard format v1: schema, atomic writer and manifest, aligned reader, inspect/verify."""
+"""Shard format v1: schema, atomic writer and manifest, aligned reader, inspect/verify, and the
+dataset card that makes a dataset root loadable with ``datasets.load_dataset`` (``card``)."""
 
 from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, iter_aligned, iter_shard, shard_paths
 from synesthesia.shards.schema import SCHEMA_VERSION, SchemaError, decode_npy, encode_npy, shard_name

@@ -49,7 +49,8 @@ def find_sets(path: str | Path) -> list[Path]:
 
 
 def describe(directory: str | Path) -> dict[str, Any]:
-    """A summary of one set: kind, splits and counts, modalities, latent spec, generator.
+    """A summary of one set: kind, splits and counts, modalities, latent spec, generator (its weights
+    and their ``weights_sha256``), the software versions that wrote it.
 
     Source sets add ``label_mixing`` (split → ``SplitMixing.summary()``) and
     ``warnings`` (one line each).
@@ -71,15 +72,17 @@ def describe(directory: str | Path) -> dict[str, Any]:
     if "num_classes" in m.extra:
         info["num_classes"] = m.extra["num_classes"]
     if m.generator:
-        info["generator"] = {
-            k: m.generator.get(k) for k in ("name", "class", "modality", "mode", "weights_sha256")
-        }
+        # Generators record their weights' digest as ``sha256`` (``Generator.identity``).
+        info["generator"] = {k: m.generator.get(k) for k in ("name", "class", "modality", "mode", "weights")}
+        info["generator"]["weights_sha256"] = m.generator.get("sha256")
     if m.latent_spec:
         info["latent_spec"] = m.latent_spec
     if m.channel_stats:
         info["channel_stats"] = m.channel_stats
     if m.config_hash:
         info["config_hash"] = m.config_hash
+    if m.software:
+        info["software"] = m.software
     if m.kind == "source":
         info["label_mixing"] = {}
         info["warnings"] = []

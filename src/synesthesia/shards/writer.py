@@ -3,7 +3,8 @@
 A shard is written under a temporary name and renamed when complete, so a shard
 that exists under its final name is complete. Members are written in a fixed
 order with fixed mtime, owner and mode, so the same samples give the same bytes.
-The manifest is written last, also atomically. :meth:`Manifest.read` reads one as
+The manifest is written last, also atomically, and records the versions of the software
+that wrote the set (:func:`software_versions`). :meth:`Manifest.read` reads one as
 hostile input: bounded size and nesting, every split and shard name one we write,
 every count, size and shape a bounded non-negative integer (:func:`check_manifest`).
 """
@@ -13,9 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,21 @@ MAX_CLASSES = 10**6
 MAX_DIM = 1 << 16  # one dimension of a latent, signal or image
 MAX_ELEMENTS = 1 << 28  # elements of one stored latent or signal
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# The packages whose versions a manifest records (``software``): those that shape a set's bytes.
+SOFTWARE = ("synesthesia", "torch", "diffusers", "transformers", "timm", "accelerate", "webdataset", "numpy")
+
+
+def software_versions() -> dict[str, str | None]:
+    """The installed version of each package in ``SOFTWARE`` (None when absent), and Python's."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 @dataclass
@@ -116,6 +134,9 @@ class Manifest:
     config: dict[str, Any] | None = None
     config_hash: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Versions of the software that wrote the set; a manifest read from disk keeps what it holds
+    # (None for one written before versions were recorded).
+    software: dict[str, Any] | None = field(default_factory=software_versions)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -141,6 +162,7 @@ class Manifest:
         if data.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{path}: schema version {data.get('schema_version')} is not {SCHEMA_VERSION}")
         data.pop("counts", None)
+        data.setdefault("software", None)  # written before versions were recorded
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -201,9 +223,14 @@ def check_manifest(m: Manifest) -> None:
         raise ValueError("skipped is not a mapping of reasons to counts")
     for reason, count in m.skipped.items():
         _bounded(count, f"skipped {str(reason)[:40]!r}", MAX_COUNT)
-    for name in ("extra", "generator", "latent_spec", "channel_stats", "preprocessing", "config"):
+    for name in ("extra", "generator", "latent_spec", "channel_stats", "preprocessing", "config", "software"):
         if getattr(m, name) is not None and not isinstance(getattr(m, name), dict):
             raise ValueError(f"{name} is not a mapping")
+    for name, version in (m.software or {}).items():
+        if not isinstance(name, str) or len(name) > 64 or not (version is None or isinstance(version, str)):
+            raise ValueError(f"software {str(name)[:40]!r} is not a package name and version")
+        if version is not None and len(version) > 64:
+            raise ValueError(f"software {name!r} version {version[:40]!r}... is longer than 64 characters")
     extra = m.extra or {}
     if "num_classes" in extra:
         _bounded(extra["num_classes"], "extra.num_classes", MAX_CLASSES, 1)

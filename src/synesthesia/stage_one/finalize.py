@@ -8,7 +8,7 @@
 - :func:`_merge_reports`, :func:`write_throughput` - every process's timings merged into one report,
   written to ``throughput.json``;
 - :func:`build_manifest`, :func:`_finalize` - main process: each set's ``manifest.json``, written last
-  and atomically, only when every shard exists.
+  and atomically, only when every shard exists; then the dataset card (``synesthesia.shards.card``).
 
 Everything in the manifest is a pure function of files on disk and the configuration, so a set that
 was interrupted (even by SIGKILL) and then completed gets the same ``manifest.json``, byte for byte, as
@@ -29,6 +29,7 @@ import numpy as np
 from synesthesia import UserError
 from synesthesia.config import config_hash as hash_config
 from synesthesia.config import to_dict
+from synesthesia.shards.card import write_dataset_card
 from synesthesia.shards.schema import SCHEMA_VERSION, SchemaError, decode_npy, decoded_field, latent_field
 from synesthesia.shards.writer import Manifest, ShardInfo
 from synesthesia.stage_one.cache import cache_key
@@ -270,4 +271,5 @@ def _finalize(cfg, gcfg, source, splits, identity, mode, spec, spec_dict, materi
         logger.info(
             "%s: manifest written (%s)", directory, ", ".join(f"{k} {manifest.count(k)}" for k in infos)
         )
+        write_dataset_card(directory.parent.parent)  # <out>/<dataset>/README.md lists the new set
     return complete

@@ -204,7 +204,8 @@ class SetRunner:
         errors (a generator bug, a full disk) propagate after in-flight writes end.
         """
         from torch.utils.data import DataLoader
-        from tqdm import tqdm
+
+        from synesthesia.progress import progress as progress_counter
 
         decode = decoded_out is not None
         by_id = {(t.split, t.index): t for t in tasks}
@@ -222,11 +223,11 @@ class SetRunner:
         totals = dict.fromkeys(("read_s", "infer_s", "decode_s", "write_s", "wait_s", "write_wait_s"), 0.0)
         states: dict[tuple[str, int], _ShardState] = {}
         futures: deque[Future] = deque()
-        bar = tqdm(
+        bar = progress_counter(
             total=sum(t.samples for t in tasks),
-            unit="sample",
             desc=latent_out.name,
-            disable=None if progress and self.runtime.state.is_local_main_process else True,
+            unit="sample",
+            disable=not (progress and self.runtime.state.is_local_main_process),
         )
         lat_field, dec_field, flg_field = (
             latent_field(self.modality),

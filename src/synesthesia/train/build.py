@@ -2,9 +2,11 @@
 
 - :func:`check_config`: every bound of the config
   (:func:`~synesthesia.config.check_pipeline`), the ``train`` section's choices (stage,
-  precision, sizes, early stopping, the teacher's privileged source, method vs stage)
+  precision, trackers and their kwargs, sizes, early stopping, the teacher's privileged source, method vs stage)
   and the run folder's name;
 - :func:`use_cpu`: ``train.device`` → whether accelerate runs on the CPU;
+- :func:`finds_unused_parameters`: whether DDP looks for parameters without a gradient
+  (the method says);
 - :func:`build_models`: (trainee, frozen teacher or None, the model config
   written to ``best/model.json``). stage=teacher builds
   :class:`~synesthesia.models.teacher.MultimodalTeacher`, trained with
@@ -46,6 +48,7 @@ from synesthesia.train.checkpoint import (
 )
 from synesthesia.train.objectives import StudentTrainee, TeacherObjectiveTrainee, TeacherTrainee
 from synesthesia.train.sidecars import DataSpec, check_decoded_from
+from synesthesia.train.trackers import tracker_init_kwargs
 from synesthesia.utils import check_name
 
 logger = logging.getLogger(__name__)
@@ -77,13 +80,29 @@ def use_cpu(device: str) -> bool:
     return device == "cpu"
 
 
+def finds_unused_parameters(cfg) -> bool:
+    """Whether DDP must look for parameters without a gradient after each backward
+    (``find_unused_parameters``): only for a method whose ``find_unused_parameters`` says some of
+    its trainee's parameters may get none on a step; the search costs a graph walk every step."""
+    from synesthesia.methods import METHODS
+
+    method_cls = METHODS.get(cfg.method.name)
+    if cfg.train.stage == "teacher" and getattr(method_cls, "stage", "student") != "teacher":
+        return False  # the plain teacher with cross-entropy: every parameter has a gradient
+    return bool(getattr(method_cls, "find_unused_parameters", False))
+
+
 def check_config(cfg) -> None:
     check_pipeline(cfg)  # again: a config built in code never went through load_pipeline
     t = cfg.train
     if t.stage not in STAGES:
         raise UserError(f"unknown train.stage {t.stage!r}; valid: {', '.join(STAGES)}")
-    if t.precision not in PRECISIONS:
-        raise UserError(f"unknown train.precision {t.precision!r}; valid: {', '.join(PRECISIONS)}")
+    if t.precision is not None and t.precision not in PRECISIONS:
+        raise UserError(
+            f"unknown train.precision {t.precision!r}; valid: {', '.join(PRECISIONS)}, "
+            "or null (the launcher's choice)"
+        )
+    tracker_init_kwargs(t.log_with, t.tracker_kwargs)  # each tracker installed, each key one of them
     check_decoded_from(t)
     for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(t, name) < 1:

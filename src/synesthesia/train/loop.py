@@ -9,7 +9,7 @@ optimizer and ``accelerator.prepare`` them), :func:`resume_from`,
 stop early, checkpoint) and :func:`finish` (test, ``metrics.json``, export).
 Each feature stays visible:
 
-- mixed precision (``train.precision``) through ``accelerator.autocast`` and
+- mixed precision (``train.precision``, else the launcher's) through ``accelerator.autocast`` and
   ``accelerator.backward``;
 - gradient accumulation over ``train.grad_accum`` micro-batches with
   ``accelerator.no_sync`` (the window restarts at each epoch, and its loss is
@@ -25,7 +25,8 @@ Each feature stays visible:
   past, and the RNG, scheduler and :class:`TrainState` come back with the
   checkpoint, so the final weights equal an uninterrupted run's;
 - trackers through ``log_with`` (default ``jsonl``: ``<run>/logs/metrics.jsonl``);
-- a tqdm progress bar on the main process;
+- progress on the local main process (:mod:`synesthesia.progress`: a tqdm bar on a terminal, else a
+  log line with n/N and the ETA every 30 s);
 - model selection on val (top-1, evaluated after every epoch; ``best/``),
   early stopping on it (``train.early_stop_patience`` epochs without a better
   val accuracy end the run; ``train.epochs`` caps it and sizes the cosine
@@ -74,6 +75,7 @@ import torch
 from torch import nn
 
 from synesthesia.config import to_dict, write_resolved
+from synesthesia.progress import progress
 from synesthesia.shards.schema import read_json_file
 from synesthesia.train.build import (
     check_config,
@@ -103,7 +105,7 @@ from synesthesia.train.export import export_student
 from synesthesia.train.objectives import privileged_inputs
 from synesthesia.train.samples import IMAGENET_MEAN, IMAGENET_STD
 from synesthesia.train.session import Session, resume_from, setup, unwrap_models
-from synesthesia.train.trackers import flat_config
+from synesthesia.train.trackers import flat_config, tracker_init_kwargs
 from synesthesia.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -111,8 +113,6 @@ logger = logging.getLogger(__name__)
 
 def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str, Any]:
     """Train the teacher or a student as ``cfg`` says; returns (and writes) ``metrics.json``'s content."""
-    from tqdm.auto import tqdm
-
     check_config(cfg)
     s = setup(cfg, Path(out))
     if resume is not None:
@@ -120,14 +120,18 @@ def train(cfg, out: str | Path = "runs", resume: str | None = None) -> dict[str,
     if s.accelerator.is_main_process:
         s.run.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, s.run)
-    s.accelerator.init_trackers(cfg.name, config=flat_config(to_dict(cfg)))
+    s.accelerator.init_trackers(
+        cfg.name,
+        config=flat_config(to_dict(cfg)),
+        init_kwargs=tracker_init_kwargs(cfg.train.log_with, cfg.train.tracker_kwargs),
+    )
     unwrap_models(s)
-    bar = tqdm(
+    bar = progress(
         total=s.total_updates,
         initial=s.state.step,
         disable=not s.accelerator.is_local_main_process,
-        desc=f"{s.run.name}",
-        dynamic_ncols=True,
+        desc=s.run.name,
+        unit="step",
     )
     start_time = time.perf_counter()
     while s.state.epoch < s.t.epochs and not s.state.stopped:
@@ -197,7 +201,7 @@ def optimizer_step(s: Session, terms: dict[str, Any], index: int, bar) -> None:
     unscaled = False
     if s.objective is not None:
         # between backward and step, on the whole window's gradients (unscaled under fp16)
-        if t.precision == "fp16":
+        if accelerator.mixed_precision == "fp16":
             accelerator.unscale_gradients()
             unscaled = True
         terms = {**terms, **s.objective.after_backward(s.model)}
@@ -345,6 +349,7 @@ def run_metrics(s: Session, elapsed: float, digests: list[str]) -> dict[str, Any
         "stopped_early": state.stopped,
         "early_stop_patience": t.early_stop_patience,
         "processes": world,
+        "precision": s.accelerator.mixed_precision,  # train.precision, else the launcher's
         "history": state.history,
         "best": state.best,
         "train_samples_per_s": s.samples_seen * world / elapsed if elapsed > 0 else None,

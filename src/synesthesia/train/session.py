@@ -2,6 +2,8 @@
 
 - :class:`Session`: the config, run folder, accelerator, data, prepared trainee
   and optimizer, frozen teacher and loaders, and what the loop accumulates;
+- :func:`build_accelerator`: the Accelerator, obeying its launcher (:func:`check_launch`
+  refuses ``accelerate launch --cpu --num_processes N``, which starts one process);
 - :func:`setup`: resolve the data, build the models (:mod:`synesthesia.train.build`),
   the loaders (:func:`build_loaders`), AdamW and the cosine schedule, and
   ``accelerator.prepare`` them (the seeds are set exactly where a run's
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from synesthesia import UserError
 from synesthesia.shards.mixing import warn_if_class_sorted
-from synesthesia.train.build import build_models, parameter_groups, unwrapped_model, use_cpu
+from synesthesia.train.build import (
+    build_models,
+    finds_unused_parameters,
+    parameter_groups,
+    unwrapped_model,
+    use_cpu,
+)
 from synesthesia.train.checkpoint import (
     TrainState,
     copy_best,
@@ -81,17 +91,51 @@ class Session:
         return self.loaders.train.steps_per_epoch
 
 
-def build_accelerator(t, run: Path):
+def build_accelerator(t, run: Path, find_unused_parameters: bool = False):
+    """The run's Accelerator. What the launcher (``accelerate launch``, ``accelerate config``,
+    ``torchrun``) chose stands unless the config says otherwise: the mixed precision when
+    ``train.precision`` is null, the process group it started. DDP looks for parameters without
+    a gradient only when the method says some may get none (``find_unused_parameters``)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    return Accelerator(
-        cpu=use_cpu(t.device),
-        mixed_precision=t.precision,
-        log_with=build_trackers(t.log_with, run / "logs"),
-        project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        step_scheduler_with_optimizer=False,
+    check_launch()
+    try:
+        return Accelerator(
+            cpu=use_cpu(t.device),
+            mixed_precision=t.precision,  # None: ACCELERATE_MIXED_PRECISION (the launcher's), else no
+            log_with=build_trackers(t.log_with, run / "logs"),
+            project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+            step_scheduler_with_optimizer=False,
+        )
+    except ValueError as exc:  # e.g. bf16 on a device without it, fp8 without its library
+        if "precision requires" not in str(exc):
+            raise
+        chosen = t.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        source = "train.precision" if t.precision else "the launcher's mixed precision"
+        raise UserError(f"{source} {chosen} is not available here: {exc}") from exc
+
+
+# what a process started by torchrun, accelerate's torchrun launcher or MPI knows its world size by
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch() -> None:
+    """Refuse the one launch that silently trains alone: ``accelerate launch --num_processes N``
+    (N > 1) through accelerate's simple launcher (``--cpu``, or no ``--multi_gpu`` on one GPU),
+    which starts a single process unless MPI starts the rest (``--mpirun_hostfile``). It marks
+    that process with ``ACCELERATE_USE_CPU`` and, for N > 1, ``MASTER_ADDR``, but no world size."""
+    env = os.environ
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env:
+        return
+    if any(name in env for name in WORLD_SIZE_VARIABLES):
+        return
+    raise UserError(
+        "accelerate launch asked for several processes but started this one alone (its --cpu launcher "
+        "starts one without --mpirun_hostfile); use `accelerate launch --multi_gpu --num_processes N "
+        "-m synesthesia train ...` (also on CPU; add train.device=cpu on a GPU machine) or "
+        "`torchrun --nproc_per_node N -m synesthesia train ...`"
     )
 
 
@@ -120,7 +164,7 @@ def setup(cfg, out: Path) -> Session:
     if t.stage == "teacher" and cfg.teacher.epochs > 0:  # teachers may train longer than students
         t = dataclasses.replace(t, epochs=cfg.teacher.epochs)
     run = run_dir(cfg, out)
-    accelerator = build_accelerator(t, run)
+    accelerator = build_accelerator(t, run, finds_unused_parameters(cfg))
     set_seed(t.seed)  # the same initial weights on every rank
     spec = resolve_data(cfg)
     if accelerator.is_main_process and t.shuffle_buffer < spec.counts.get("train", 0):
@@ -179,7 +223,7 @@ def unwrap_models(s: Session) -> None:
 
 def _warn_if_config_changed(cfg, previous_run: Path) -> None:
     """Resuming under another config is allowed (e.g. more epochs) but no longer reproduces the run."""
-    from synesthesia.config import config_hash, written_config
+    from synesthesia.config import comparable, config_hash, written_config
     from synesthesia.shards.schema import read_json_file
 
     written = previous_run / "config.json"
@@ -187,5 +231,5 @@ def _warn_if_config_changed(cfg, previous_run: Path) -> None:
         return
     data = read_json_file(written)  # read as this version reads it: options added since take defaults
     before = written_config(data.get("config") or {}) if isinstance(data, dict) else None
-    if before is None or config_hash(before) != config_hash(cfg):
+    if before is None or config_hash(comparable(before)) != config_hash(comparable(cfg)):
         logger.warning("resuming %s with a config that differs from its config.json", previous_run)

@@ -18,7 +18,8 @@ training's shard shuffle and bounded shuffle buffer cannot mix. The label mix
 of every shard is recorded in the manifest's ``extra.label_mix`` (see
 ``synesthesia.shards.mixing``). The set is written to a temporary folder and
 moved onto ``<out>/<dataset>/source`` only when complete, manifest last; the
-same input and config always give byte-identical shards.
+same input and config always give byte-identical shards. The dataset card
+``<out>/<dataset>/README.md`` is written after (``synesthesia.shards.card``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ import numpy as np
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, config_hash, to_dict
 from synesthesia.processes import remove_stale_temps
+from synesthesia.progress import progress
+from synesthesia.shards.card import write_dataset_card
 from synesthesia.shards.mixing import label_mix_entry
-from synesthesia.shards.schema import SchemaError
+from synesthesia.shards.schema import IMAGE_FIELDS, SchemaError
 from synesthesia.shards.writer import Manifest, ShardInfo, SplitWriter
 from synesthesia.sources.ingest.checks import (
     MAX_AUDIO_RATE,
@@ -162,12 +165,13 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
         splits: dict[str, list[ShardInfo]] = {}
         label_mix: dict[str, Any] = {}
         modalities: set[str] = set()
+        image_fields: set[str] = set()
         for index, split in enumerate(SPLITS):
             keys = sorted(k for k, s in split_of.items() if s == split)
             order = np.random.default_rng([cfg.seed, index]).permutation(len(keys))
             writer = SplitWriter(tmp, split, icfg.shard_size)
             labels: list[int] = []  # of the written samples, in order
-            for i in order:
+            for i in progress(order, desc=f"ingest {split}", unit="sample"):
                 item = chosen[keys[i]]
                 try:
                     label, class_name = resolve(item.label)
@@ -179,6 +183,7 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
                     logger.warning("skipped %s: %s", item.origin, exc)
                     continue
                 labels.append(label)
+                image_fields.update(f for f in IMAGE_FIELDS if f in sample)
                 modalities.update(
                     m
                     for m, f in (("depth", "depth.npy"), ("audio", "audio.flac"), ("lidar", "lidar.npy"))
@@ -199,6 +204,7 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
             raise UserError(f"no usable samples in {icfg.source} (skipped: {summary})")
         extra: dict[str, Any] = {
             "modalities": sorted(modalities),
+            "image_fields": sorted(image_fields),
             "num_classes": len(class_names),
             "class_names": class_names,
             "audio_rate": icfg.audio_rate,
@@ -225,6 +231,7 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
         )
         manifest.write(tmp)
         _swap_into_place(tmp, final)
+        write_dataset_card(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

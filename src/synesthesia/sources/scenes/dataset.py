@@ -3,7 +3,8 @@
 Every split (train, val, test, paired; sizes from ``scenes.num_*``) is
 rendered in chunks of 32 samples, on a process pool (forked where the platform
 can) or in-process for one worker, and written in index order to
-``<out>/<dataset>/source/<split>-NNNNNN.tar`` with ``manifest.json`` last.
+``<out>/<dataset>/source/<split>-NNNNNN.tar`` with ``manifest.json`` last, then the
+dataset card ``<out>/<dataset>/README.md`` (``synesthesia.shards.card``).
 Results come back in order, so the shards are byte-identical across runs and
 worker counts.
 
@@ -28,6 +29,8 @@ from typing import Any
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, ScenesConfig, check_section, config_hash
 from synesthesia.processes import DieWithParent, remove_stale_temps
+from synesthesia.progress import progress
+from synesthesia.shards.card import write_dataset_card
 from synesthesia.shards.schema import MANIFEST
 from synesthesia.shards.verify import verify
 from synesthesia.shards.writer import Manifest, SplitWriter
@@ -114,6 +117,7 @@ def render_dataset(
         logger.info(
             "%s already holds this render (config %s); kept", directory, config_hash(render_config(cfg))
         )
+        write_dataset_card(directory.parent)  # a root written before cards existed gets one
         return directory, False
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)
@@ -131,9 +135,12 @@ def render_dataset(
             writer = SplitWriter(directory, split, sc.shard_size)
             jobs = [(cfg.seed, split, s, min(s + chunk, count), sc) for s in range(0, count, chunk)]
             results = pool.imap(_render_chunk, jobs) if pool is not None else map(_render_chunk, jobs)
+            bar = progress(total=count, desc=f"render {split}", unit="sample")
             for samples in results:
                 for sample in samples:
                     writer.add(sample)
+                bar.update(len(samples))
+            bar.close()
             splits[split] = writer.close()
             logger.info("rendered %s: %d samples in %d shards", split, count, len(splits[split]))
     manifest = Manifest(
@@ -145,6 +152,7 @@ def render_dataset(
         extra={
             "generator": "synesthesia.sources.scenes",
             "modalities": MODALITIES,
+            "image_fields": ["rgb.png"],
             "num_classes": NUM_CLASSES,
             "class_names": CLASS_NAMES,
             "audio_rate": sc.audio_rate,
@@ -159,6 +167,7 @@ def render_dataset(
         },
     )
     manifest.write(directory)
+    write_dataset_card(directory.parent)
     return directory, True
 
 
