@@ -12,23 +12,14 @@ from pathlib import Path
 
 import pytest
 from tests.stage2_shards import TINY_TRAIN, write_tiny_dataset
+from tests.tiny_scenes import tiny_scenes
 
 from synesthesia.cli import VERBS, main
 from synesthesia.config import PipelineConfig, load_pipeline, replace
 from synesthesia.progress import ENV_INTERVAL, ENV_MODE, LogProgress, progress
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SCENES = [
-    "scenes.num_train=4",
-    "scenes.num_val=2",
-    "scenes.num_test=2",
-    "scenes.num_paired=0",
-    "scenes.shard_size=2",
-    "scenes.image_size=16",
-    "scenes.lidar_beams=4",
-    "scenes.lidar_azimuth=16",
-    "scenes.workers=1",
-]
+TINY_SCENES = tiny_scenes(audio_seconds=0.5)
 
 
 @pytest.fixture

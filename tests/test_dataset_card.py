@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 from huggingface_hub import DatasetCard
+from tests.tiny_scenes import tiny_scenes
 
 from synesthesia import UserError
 from synesthesia.cli import main
@@ -29,18 +30,16 @@ from synesthesia.sources.ingest import ingest
 datasets = pytest.importorskip("datasets")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "scenes.num_train=6",
-    "scenes.num_val=3",
-    "scenes.num_test=3",
-    "scenes.num_paired=2",
-    "scenes.image_size=32",
-    "scenes.lidar_beams=8",
-    "scenes.lidar_azimuth=32",
-    "scenes.audio_seconds=0.1",
-    "scenes.shard_size=4",
-    "scenes.workers=1",
-]
+TINY = tiny_scenes(
+    num_train=6,
+    num_val=3,
+    num_test=3,
+    num_paired=2,
+    image_size=32,
+    lidar_beams=8,
+    lidar_azimuth=32,
+    shard_size=4,
+)
 SHARD = [
     "shard.generators=[{name: tae, modality: depth}]",
     "shard.splits=[train, val, test, paired]",

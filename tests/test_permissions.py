@@ -9,21 +9,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from tests.tiny_scenes import tiny_scenes
 
 from synesthesia.cli import main
 from synesthesia.utils import atomic_write_text, process_umask
 
-TINY = [
-    "scenes.num_train=4",
-    "scenes.num_val=2",
-    "scenes.num_test=2",
-    "scenes.num_paired=0",
-    "scenes.shard_size=2",
-    "scenes.image_size=16",
-    "scenes.lidar_beams=4",
-    "scenes.lidar_azimuth=16",
-    "scenes.audio_seconds=0.1",
-]
+TINY = tiny_scenes()
 
 
 @pytest.fixture(params=[0o022, 0o027])
