@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from synesthesia import UserError
 
@@ -27,7 +28,9 @@ def check_name(value: str, key: str) -> str:
     ``\\``, NUL or control character, starts with ``-`` or is over 200 bytes long could write
     elsewhere (or be read as an option): it is refused, naming ``key``.
     """
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
+        problem = "is not a string"
+    elif not value:
         problem = "is empty"
     elif value in (".", ".."):
         problem = "names the current or parent folder"
@@ -41,7 +44,8 @@ def check_name(value: str, key: str) -> str:
         problem = f"is over {MAX_NAME_BYTES} bytes long"
     else:
         return value
-    shown = value if len(value) <= 60 else value[:60] + "..."
+    shown = value if isinstance(value, str) else str(value)
+    shown = shown if len(shown) <= 60 else shown[:60] + "..."
     raise UserError(f"{key} {shown!r} {problem}; it must be one plain folder name")
 
 
@@ -54,25 +58,30 @@ class UnsafeFile(ValueError):
         self.reason = reason
 
 
-def read_regular_file(path: str | Path, limit: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file (symlinks resolved) of at most ``limit`` bytes.
-
-    A FIFO, a device (``/dev/zero``), a socket or a folder — or a symlink to one —
-    raises :class:`UnsafeFile` before anything is read, and so does a file over
-    ``limit``. The file is opened without blocking and checked again on the open
-    descriptor, so it cannot be swapped for a FIFO in between. OSError (missing,
-    unreadable) is the caller's to word.
-    """
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file (symlinks resolved), else
+    :class:`UnsafeFile` (``not_regular_file``): a FIFO, a device (``/dev/zero``), a socket or a
+    folder is refused before anything is read. The file is opened without blocking and checked
+    again on the open descriptor, so it cannot be swapped for a FIFO in between."""
     name = Path(path).name
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise UnsafeFile(f"{name}: not a regular file", "not_regular_file")
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeFile(f"{name}: not a regular file", "not_regular_file")
-        if info.st_size > limit:
-            raise UnsafeFile(f"{name}: {info.st_size} bytes, over the {limit}-byte cap", "file_too_large")
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise UnsafeFile(f"{name}: not a regular file", "not_regular_file")
+    return fh
+
+
+def read_regular_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (:func:`open_regular`) of at most ``limit``
+    bytes, else :class:`UnsafeFile`. OSError (missing, unreadable) is the caller's to word."""
+    name = Path(path).name
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise UnsafeFile(f"{name}: {size} bytes, over the {limit}-byte cap", "file_too_large")
         data = fh.read(limit + 1)
     if len(data) > limit:  # grew while being read
         raise UnsafeFile(f"{name}: over the {limit}-byte cap", "file_too_large")

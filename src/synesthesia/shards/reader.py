@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import stat
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 from synesthesia import UserError
 from synesthesia.shards.writer import Manifest
+from synesthesia.utils import UnsafeFile, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +107,10 @@ def iter_shard(
 
 def _open_regular(path: str | Path):
     """``path`` opened for reading if it is a regular file; never blocks on a FIFO."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise tarfile.ReadError(f"{path}: not a regular file")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    fh = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        fh.close()
-        raise tarfile.ReadError(f"{path}: not a regular file")
-    return fh
+    try:
+        return open_regular(path)
+    except UnsafeFile:
+        raise tarfile.ReadError(f"{path}: not a regular file") from None
 
 
 def _tar_samples(

@@ -36,7 +36,7 @@ from synesthesia.shards.schema import (
     read_json_file,
     shard_name,
 )
-from synesthesia.utils import atomic_path, atomic_write_text, sha256_file
+from synesthesia.utils import atomic_path, atomic_write_text, check_name, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -206,10 +206,10 @@ def check_manifest(m: Manifest) -> None:
     tool writes: splits from ``SPLITS``, shard i of a split named ``<split>-NNNNNN.tar`` (i), sample
     counts, byte sizes and ``skipped`` counts bounded non-negative integers, sha256 hex digests,
     and - where present - the class count, image size, latent shape and samples per input bounded."""
-    if not isinstance(m.dataset, str) or not 0 < len(m.dataset) <= 255 or not m.dataset.isprintable():
-        raise ValueError(f"dataset {str(m.dataset)[:40]!r} is not a name")
-    if m.dataset.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", m.dataset):
-        raise ValueError(f"dataset {m.dataset[:40]!r} is a path, not a name")
+    try:
+        check_name(m.dataset, "dataset")  # the same rule as a config's dataset name
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
     for split, shards in m.splits.items():
         if split not in SPLITS:
             raise SchemaError(f"split {str(split)[:40]!r} is not one of {', '.join(SPLITS)}", "bad_name")
