@@ -4,7 +4,8 @@
 items at positions *i* with *i* mod ``count`` = ``index`` of a list every part builds the same way.
 The part comes from, in this order:
 
-1. ``--part i/N`` on the command line (any scheduler; ``i`` counts from 0);
+1. ``--part i/N`` on the command line (any scheduler; ``i`` counts from 0); inside a process group
+   of ``W`` processes, process ``r`` does part ``i * W + r`` of ``N * W``;
 2. a ``torchrun`` / ``accelerate launch`` process group (``WORLD_SIZE`` > 1, rank ``RANK``): the
    processes of one job, which may wait for each other;
 3. a Slurm job array (``SLURM_ARRAY_TASK_ID`` from ``SLURM_ARRAY_TASK_MIN`` in steps of
@@ -134,14 +135,18 @@ def _slurm_part(environ: Mapping[str, str]) -> Part | None:
 def resolve_part(cli: str | None = None, environ: Mapping[str, str] | None = None) -> Part:
     """The part this process does: ``--part``, else the process group, else Slurm, else the whole job."""
     environ = os.environ if environ is None else environ
+    world = _env_int(environ, "WORLD_SIZE", default=1, low=1)
+    rank = _env_int(environ, "RANK", default=0)
+    if world > 1 and rank >= world:
+        raise UserError(f"RANK={rank} is not below WORLD_SIZE={world}")
     if cli is not None:
         index, count = parse_part(cli)
+        if world > 1:  # each process of the group takes its own slice of part i
+            if count * world > MAX_PARTS:
+                raise UserError(f"--part {cli} times {world} processes is more than {MAX_PARTS} parts")
+            return Part(index * world + rank, count * world, CLI)
         return Part(index, count, CLI) if count > 1 else Part()
-    world = _env_int(environ, "WORLD_SIZE", default=1, low=1)
     if world > 1:
-        rank = _env_int(environ, "RANK", default=0)
-        if rank >= world:
-            raise UserError(f"RANK={rank} is not below WORLD_SIZE={world}")
         array = _env_int(environ, "SLURM_ARRAY_TASK_COUNT", default=1)
         if array > 1:
             raise UserError(

@@ -3,7 +3,8 @@ the software versions that wrote each set.
 
 Source sets also show each split's label mixing across shards; a train split
 that looks class-sorted gets a ``warning:`` line on stderr (in ``--json``
-mode too, where it is also listed under ``warnings``).
+mode too, where it is also listed under ``warnings``). The path may be a local folder or any fsspec
+URL (``s3://``, ``gs://``, ``hf://``; see ``synesthesia.storage``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from synesthesia.shards.verify import describe, find_sets, verify
 
 
 def add_arguments(parser):
-    parser.add_argument("path", help="a shard set folder, or a dataset root holding several")
+    parser.add_argument(
+        "path",
+        help="a shard set folder, or a dataset root holding several: local, or an fsspec URL (s3://bucket/prefix)",
+    )
     parser.add_argument(
         "--verify",
         action="store_true",

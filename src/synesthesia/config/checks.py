@@ -104,7 +104,12 @@ BOUNDS: dict[type, dict[str, Range]] = {
         "lidar_fov_down": closed(-90, 90),
     },
     sections.GeneratorConfig: {"samples_per_input": closed(1, 1024), "seed": SEED},
-    sections.ShardConfig: {"batch_size": BATCH, "num_workers": WORKERS, "max_pending_writes": closed(1, 64)},
+    sections.ShardConfig: {
+        "batch_size": BATCH,
+        "num_workers": WORKERS,
+        "max_pending_writes": closed(1, 64),
+        "lease_timeout_s": closed(1, 7 * 24 * 3600),  # one second to a week
+    },
     sections.BootstrapConfig: {
         "holdout": closed(1, 10**8),
         "max_pairs": SAMPLES,

@@ -89,6 +89,9 @@ class ShardConfig:
     on_error: str = "skip"  # skip | raise (bad input samples / NaN latents: flagged and counted, or fail)
     channels_last: bool = True  # CUDA only: model and 4-D inputs in channels_last memory format
     max_pending_writes: int = 2  # shards queued for the background writer before inference waits
+    # a shard lease (stage_one/leases.py) whose heartbeat is older than this many seconds belongs to a
+    # dead job and is taken over; the holder refreshes it every lease_timeout_s / 4
+    lease_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)

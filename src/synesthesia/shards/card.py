@@ -13,7 +13,8 @@ reads the set offline with every column. ``audio.flac`` is declared ``binary`` (
 how to decode it. The card also says what the set is (modalities, generator and weights, counts),
 which software wrote it, how to make it again, and carries a license placeholder (``unknown``):
 a license the user puts in the YAML is kept when the card is written again. A ``README.md`` that
-this module did not write is left alone (with a warning).
+this module did not write is left alone (with a warning). The root may be local or in a bucket
+(``synesthesia.storage``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from synesthesia import UserError
 from synesthesia.shards.schema import IMAGE_FIELDS, MANIFEST, SIGNAL_FIELDS, SPLITS
 from synesthesia.shards.writer import Manifest
-from synesthesia.utils import UnsafeFile, atomic_write_text, read_regular_file
+from synesthesia.storage import as_path, atomic_write_text, is_remote, read_capped
+from synesthesia.utils import UnsafeFile
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def dataset_sets(root: str | Path) -> list[tuple[str, str, Manifest]]:
     """(config name, folder relative to ``root``, manifest) of every complete set under ``root``:
     ``source``, then ``latents/<set>`` and ``decoded/<set>`` in name order. A set without a manifest
     is not listed (it is being written); one with an unreadable manifest is skipped with a warning."""
-    root = Path(root)
+    root = as_path(root)
     folders = [("source", "source")]
     for kind in ("latents", "decoded"):
         if (root / kind).is_dir():
@@ -226,7 +228,7 @@ def _describe_set(config: str, folder: str, m: Manifest) -> list[str]:
 
 def build_card(root: str | Path, sets: list[tuple[str, str, Manifest]], license: str) -> DatasetCard:
     """The card of ``root`` listing ``sets`` (from :func:`dataset_sets`)."""
-    root = Path(root)
+    root = as_path(root)
     source = next((m for config, _, m in sets if config == "source"), None)
     dataset = sets[0][2].dataset
     configs, infos = [], []
@@ -314,13 +316,13 @@ def build_card(root: str | Path, sets: list[tuple[str, str, Manifest]], license:
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
-def _existing_license(path: Path) -> str | None:
+def _existing_license(path) -> str | None:
     """The license of an existing card this module wrote (None when there is no card); raises
     ``ValueError`` when ``path`` is not such a card (a README someone else wrote)."""
-    if not path.exists() and not path.is_symlink():
+    if not path.exists() and (is_remote(path) or not path.is_symlink()):
         return None
     try:
-        text = read_regular_file(path, MAX_CARD_BYTES).decode("utf-8")
+        text = read_capped(path, MAX_CARD_BYTES).decode("utf-8")
     except (UnsafeFile, OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"unreadable ({exc})") from None
     if MARKER not in text:
@@ -337,7 +339,7 @@ def _existing_license(path: Path) -> str | None:
 def write_dataset_card(root: str | Path) -> Path | None:
     """Write ``root/README.md`` (atomically) for every complete set under the dataset root ``root``;
     the path, or None when there is no set or ``README.md`` is someone else's."""
-    root = Path(root)
+    root = as_path(root)
     sets = dataset_sets(root)
     if not sets:
         return None

@@ -52,6 +52,7 @@ import numpy as np
 
 from synesthesia.shards.reader import ErrorPolicy, iter_shard
 from synesthesia.shards.writer import Manifest
+from synesthesia.storage import as_path
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def split_mixing(
     Taken from the manifest's record when there is one, else read from (a
     capped part of) the shards — see the module doc.
     """
-    source_dir = Path(source_dir)
+    source_dir = as_path(source_dir)
     manifest = manifest or Manifest.read(source_dir)
     shards = manifest.splits.get(split, [])
     if not shards:

@@ -16,7 +16,6 @@ so the caller sees (and reports) a duplicate key.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tarfile
 from collections import Counter
@@ -27,7 +26,8 @@ from typing import Any
 
 from synesthesia import UserError
 from synesthesia.shards.writer import Manifest
-from synesthesia.utils import UnsafeFile, open_regular
+from synesthesia.storage import as_path, forward_seekable, input_size, open_input
+from synesthesia.utils import UnsafeFile
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ _BLOCK = 512
 def shard_paths(directory: str | Path, split: str) -> list[Path]:
     """The shards of ``split`` in a set, in order, as listed by its manifest."""
     manifest = Manifest.read(directory)
-    return [Path(directory) / info.name for info in manifest.splits.get(split, [])]
+    return [as_path(directory) / info.name for info in manifest.splits.get(split, [])]
 
 
 def iter_shard(
@@ -94,10 +94,14 @@ def iter_shard(
     remaining fields may be lost. With ``max_member_bytes``, a larger member is
     not read: it goes to ``handler`` (``OversizedMemberError``) and its sample
     is dropped. Only a regular file is opened (a FIFO or a device is an error).
+
+    ``path`` may be local, any fsspec URL (``s3://…``) or ``pipe:COMMAND``
+    (:func:`synesthesia.storage.open_input`); a pipe is read forward only, through a window that
+    keeps the end-of-archive check, and a command that exits non-zero is an error at its end.
     """
     handler = handler or ErrorPolicy("raise")
     try:
-        fh = _open_regular(path)
+        fh = _open_input(path)
     except (OSError, tarfile.TarError) as exc:
         handler(exc)
         return
@@ -105,10 +109,10 @@ def iter_shard(
         yield from _tar_samples(fh, str(path), handler, max_member_bytes)
 
 
-def _open_regular(path: str | Path):
+def _open_input(path: str | Path):
     """``path`` opened for reading if it is a regular file; never blocks on a FIFO."""
     try:
-        return open_regular(path)
+        return open_input(path)
     except UnsafeFile:
         raise tarfile.ReadError(f"{path}: not a regular file") from None
 
@@ -116,15 +120,20 @@ def _open_regular(path: str | Path):
 def _tar_samples(
     fh, name: str, handler: Callable[[BaseException], Any], max_member_bytes: int | None
 ) -> Iterator[dict[str, Any]]:
-    size = os.fstat(fh.fileno()).st_size
+    size = input_size(fh)
     sample: dict[str, Any] | None = None
     bad_sample = False  # the sample being read lost a member (too large)
     try:
+        if size is None:  # a pipe
+            fh = forward_seekable(fh)
         tar = tarfile.open(fileobj=fh, mode="r:*")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, EOFError):
         handler(tarfile.ReadError(f"{name}: not a readable tar (empty, corrupt or not a tar)"))
         return
-    plain = tar.fileobj is fh  # uncompressed: offsets are file offsets
+    except OSError as exc:
+        handler(exc)
+        return
+    plain = tar.fileobj is fh and size is not None  # uncompressed file: offsets are file offsets
     with tar:
         try:
             while True:
@@ -237,7 +246,7 @@ def aligned_shards(
     source_dir: str | Path, sidecar_dirs: dict[str, str | Path], split: str
 ) -> list[tuple[Path, dict]]:
     """(source shard, {sidecar name: shard}) per shard index, checked against the manifests."""
-    source_dir = Path(source_dir)
+    source_dir = as_path(source_dir)
     src_manifest = Manifest.read(source_dir)
     src = src_manifest.splits.get(split, [])
     pairs: list[tuple[Path, dict]] = [(source_dir / info.name, {}) for info in src]
@@ -253,7 +262,7 @@ def aligned_shards(
                 raise ShardMismatchError(
                     f"sidecar {name} shard {info.name} has {info.samples} samples, source has {src_info.samples}"
                 )
-            mapping[name] = Path(directory) / info.name
+            mapping[name] = as_path(directory) / info.name
     return pairs
 
 

@@ -9,8 +9,8 @@ sample holds the same ``__key__`` and ``<modality>.latent.npy``; a decoded
 sidecar holds ``<modality>.decoded.npy``.
 
 Every JSON file read from a set (a manifest, a cache key) goes through
-:func:`read_json_file`: a regular file, of bounded size and nesting, one-line
-errors naming it. :func:`check_shard_name` is the only shard name a manifest
+:func:`read_json_file`: a regular file (local or in a bucket), of bounded size
+and nesting, one-line errors naming it. :func:`check_shard_name` is the only shard name a manifest
 may list: ``<split>-NNNNNN.tar``, a plain file name in the set's own folder.
 """
 
@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from synesthesia import UserError
-from synesthesia.utils import UnsafeFile, read_regular_file
+from synesthesia.storage import as_path, read_capped
+from synesthesia.utils import UnsafeFile
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test", "paired")
@@ -92,15 +93,15 @@ def check_shard_name(name: Any, split: str, index: int) -> str:
 def read_json_file(
     path: str | Path, what: str = "JSON", max_bytes: int | None = None, max_depth: int | None = None
 ) -> Any:
-    """The JSON in ``path``, read as hostile input: a regular file (not a FIFO or device) of at
-    most ``max_bytes`` (:data:`MAX_JSON_BYTES`), UTF-8 JSON without NaN or infinities, nested at
-    most ``max_depth`` (:data:`MAX_JSON_DEPTH`) levels. Anything else is a one-line UserError
+    """The JSON in ``path`` (local or an fsspec URL), read as hostile input: a regular file (not a
+    FIFO, device or folder) of at most ``max_bytes`` (:data:`MAX_JSON_BYTES`), UTF-8 JSON without
+    NaN or infinities, nested at most ``max_depth`` (:data:`MAX_JSON_DEPTH`) levels. Anything else is a one-line UserError
     naming the file (``what`` says what it should have been: ``unreadable manifest``)."""
-    path = Path(path)
+    path = as_path(path)
     max_bytes = MAX_JSON_BYTES if max_bytes is None else max_bytes
     max_depth = MAX_JSON_DEPTH if max_depth is None else max_depth
     try:
-        data = read_regular_file(path, max_bytes)
+        data = read_capped(path, max_bytes)
     except UnsafeFile as exc:
         if exc.reason == "file_too_large":
             raise UserError(f"{path}: larger than {max_bytes} bytes; not a file this tool writes") from None

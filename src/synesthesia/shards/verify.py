@@ -26,13 +26,15 @@ from synesthesia import UserError
 from synesthesia.shards.mixing import class_sorted, split_mixing, warning_text
 from synesthesia.shards.schema import MANIFEST
 from synesthesia.shards.writer import Manifest
+from synesthesia.storage import as_path, open_input, refresh
 
 LEVELS = ("size", "full")
 
 
 def find_sets(path: str | Path) -> list[Path]:
-    """Every shard set (a folder with a manifest) at or below ``path``, sorted."""
-    path = Path(path)
+    """Every shard set (a folder with a manifest) at or below ``path`` (local or an fsspec URL), sorted."""
+    path = as_path(path)
+    refresh(path)  # a bucket listing cached before another process wrote the sets
     if not path.exists():
         raise UserError(f"no such path: {path}")
     if (path / MANIFEST).is_file():
@@ -55,7 +57,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
     Source sets add ``label_mixing`` (split → ``SplitMixing.summary()``) and
     ``warnings`` (one line each).
     """
-    directory = Path(directory)
+    directory = as_path(directory)
     m = Manifest.read(directory)
     info: dict[str, Any] = {
         "path": str(directory),
@@ -131,7 +133,7 @@ def iter_tar_samples(stream: io.RawIOBase, url: str) -> Iterator[dict[str, Any]]
 
 def scan_shard(path: str | Path) -> tuple[str, int | None]:
     """A shard's sha256 and sample count, in one read (count None when the tar is unreadable)."""
-    with open(path, "rb") as fh:
+    with open_input(path) as fh:
         reader = HashingReader(fh)
         try:
             count = sum(1 for _ in iter_tar_samples(reader, str(path)))
@@ -146,7 +148,7 @@ def check_shards(directory: str | Path, manifest: Manifest, level: str = "full")
     they agree): missing, another byte size and, at level ``full``, another sha256 or sample count."""
     if level not in LEVELS:
         raise UserError(f"unknown verify level {level!r}; valid: {', '.join(LEVELS)}")
-    directory = Path(directory)
+    directory = as_path(directory)
     problems = []
     for shards in manifest.splits.values():
         for s in shards:
@@ -173,8 +175,8 @@ def check_shards(directory: str | Path, manifest: Manifest, level: str = "full")
 def verify(directory: str | Path) -> list[str]:
     """Re-hash and re-count every shard against the manifest, and list shards it does not know;
     the list of problems (empty when all match)."""
-    directory = Path(directory)
-    m = Manifest.read(directory)
+    directory = as_path(directory)
+    m = Manifest.read(directory)  # refreshes a bucket folder's listing
     problems = check_shards(directory, m, "full")
     listed = {s.name for shards in m.splits.values() for s in shards}
     for path in sorted(directory.glob("*.tar")):

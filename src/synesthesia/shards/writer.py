@@ -3,7 +3,8 @@
 A shard is written under a temporary name and renamed when complete, so a shard
 that exists under its final name is complete. Members are written in a fixed
 order with fixed mtime, owner and mode, so the same samples give the same bytes.
-The manifest is written last, also atomically, and records the versions of the software
+Paths may be local or any fsspec URL (``synesthesia.storage``: in a bucket a shard is written under a
+hidden temporary key and moved onto its name). The manifest is written last, also atomically, and records the versions of the software
 that wrote the set (:func:`software_versions`). :meth:`Manifest.read` reads one as
 hostile input: bounded size and nesting, every split and shard name one we write,
 every count, size and shape a bounded non-negative integer (:func:`check_manifest`).
@@ -11,6 +12,7 @@ every count, size and shape a bounded non-negative integer (:func:`check_manifes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -36,7 +38,8 @@ from synesthesia.shards.schema import (
     read_json_file,
     shard_name,
 )
-from synesthesia.utils import atomic_path, atomic_write_text, check_name, sha256_file
+from synesthesia.storage import as_path, atomic_path, atomic_write_text, open_input, refresh
+from synesthesia.utils import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -95,28 +98,51 @@ def write_shard(path: str | Path, samples: list[dict[str, Any]]) -> ShardInfo:
     so the same samples always give the same bytes. Samples are checked before
     anything is written; a bad one raises SchemaError and no file appears.
     """
-    path = Path(path)
+    path = as_path(path)
     keys = set()
     for sample in samples:
         check_sample(sample)
         if sample["__key__"] in keys:
             raise SchemaError(f"duplicate key {sample['__key__']!r} in one shard", "duplicate_key")
         keys.add(sample["__key__"])
-    # atomic_path removes the temporary file when anything below raises; the TarWriter is closed
-    # either way (``with``), so no descriptor stays open on a failure and no partial shard appears.
-    with (
-        atomic_path(path) as tmp,
-        open(tmp, "wb") as fh,
-        wds.TarWriter(fh, user="synesthesia", group="synesthesia", mtime=0, encoder=False) as writer,
-    ):
-        for sample in samples:
-            writer.write(sample)
-    return shard_info(path, len(samples))
+    # atomic_path removes the temporary file (or key) when anything below raises; the TarWriter is
+    # closed either way (``with``), so no descriptor stays open on a failure and no partial shard
+    # appears. The bytes are hashed as they are written: no second read, from a bucket least of all.
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        sink = HashingWriter(fh)
+        with wds.TarWriter(sink, user="synesthesia", group="synesthesia", mtime=0, encoder=False) as writer:
+            for sample in samples:
+                writer.write(sample)
+    return ShardInfo(name=path.name, samples=len(samples), bytes=sink.size, sha256=sink.hash.hexdigest())
+
+
+class HashingWriter:
+    """A write-only stream that passes bytes on to ``raw`` and feeds them into a sha256."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        self.raw.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def shard_info(path: str | Path, samples: int) -> ShardInfo:
-    path = Path(path)
-    return ShardInfo(name=path.name, samples=samples, bytes=path.stat().st_size, sha256=sha256_file(path))
+    """A written shard's entry in the manifest (its bytes read again to hash them)."""
+    path = as_path(path)
+    digest, size = hashlib.sha256(), 0
+    with open_input(path) as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return ShardInfo(name=path.name, samples=samples, bytes=size, sha256=digest.hexdigest())
 
 
 @dataclass
@@ -145,15 +171,17 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
 
     def write(self, directory: str | Path) -> Path:
-        out = Path(directory) / MANIFEST
+        out = as_path(directory) / MANIFEST
         atomic_write_text(out, self.to_json())
         return out
 
     @classmethod
     def read(cls, directory: str | Path) -> Manifest:
         """Read ``directory/manifest.json``; a missing, corrupt, foreign or lying manifest is a
-        UserError naming the file (:func:`check_manifest`)."""
-        path = Path(directory) / MANIFEST
+        UserError naming the file (:func:`check_manifest`). In a bucket, the folder's cached listing is
+        dropped first: the manifest commits a set, and another process may just have written it."""
+        refresh(as_path(directory))
+        path = as_path(directory) / MANIFEST
         if not path.is_file():
             raise UserError(f"no {MANIFEST} in {directory}: not a complete shard set")
         data = read_json_file(path, "manifest")
@@ -254,7 +282,7 @@ class SplitWriter:
     def __init__(self, directory: str | Path, split: str, shard_size: int):
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
-        self.directory = Path(directory)
+        self.directory = as_path(directory)
         self.split = split
         self.shard_size = shard_size
         self.buffer: list[dict[str, Any]] = []

@@ -15,11 +15,17 @@ Pipeline (per process)::
 - **Work unit = one source shard.** Shard *i* of a sidecar depends only on
   source shard *i*, the generator and its seed: batches never cross shard
   boundaries, so a rerun computes the same batches and writes the same bytes.
-- **Distributed.** Under ``accelerate launch`` or ``torchrun`` the processes
-  join through accelerate's ``PartialState`` (NCCL on GPUs, gloo on CPU).
-  The shards still to do are listed in order (splits in config order, shards
-  in order) and process *r* of *N* takes those at positions *i* with
-  *i* mod *N* = *r*. The set folder must be on a file system every process sees.
+- **Parts.** The shards are listed in order (splits in config order, shards
+  in order) and part *r* of *N* takes those at positions *i* with *i* mod *N* = *r*,
+  then skips its complete ones. The part is a torchrun / ``accelerate launch``
+  rank (the processes join through accelerate's ``PartialState``, NCCL on GPUs,
+  gloo on CPU, and wait for each other), or an *independent* part: ``--part i/N``
+  or a Slurm array / ``srun`` task (:mod:`synesthesia.parts`), which waits for
+  nobody. The set folder must be on a file system every part sees.
+- **Leases.** Before inference a part claims each shard with an exclusive
+  ``.<shard>.lease`` file kept fresh by a heartbeat; a shard leased by another
+  live job is left to it, a lease silent for ``shard.lease_timeout_s`` is taken
+  over. Two jobs given the same part never both compute a shard.
 - **Resume.** A shard that exists under its final name is complete and is
   skipped. Temporary files of a killed run are removed at start.
 - **Cache key.** ``cache_key.json`` holds the sha256 of the generator's
@@ -27,7 +33,9 @@ Pipeline (per process)::
   (batch size, precision, device type, storage dtype, channels_last,
   attention backend) and the source shards' sha256s. A different key is
   refused unless ``--overwrite``, which deletes the old set first.
-- **Manifest.** After every process is done, the main process re-reads the set
+- **Manifest.** Whoever finds every shard present (the main process of a
+  torchrun job, the last independent part, or ``synesthesia shard --finalize``)
+  merges the per-part timing reports and re-reads the set
   in shard order (re-hash, sample counts, flags, per-channel mean/std of the
   train latents in float64) and writes ``manifest.json`` last, atomically, only
   when every shard exists. It holds no timings or paths, so it is
@@ -57,10 +65,12 @@ Modules, in the order a run uses them:
 ``paths``       set names, ``source/``, ``latents/<set>/``, ``decoded/<set>/``, file names
 ``generator``   build a generator from config, set it up on the device, its storage dtype
 ``cache``       the cache key: resume, replace (``--overwrite``) or refuse a set folder
-``assignment``  the shards to do, in order, and which process takes which
+``assignment``  the shards to do, in order, and which part takes which
+``leases``      one job's shard leases: exclusive claim, heartbeat, stale takeover
 ``data``        DataLoader side: source shard → hashed, preprocessed per-shard batches
 ``set_runner``  :class:`SetRunner`: the batch loop of one generator on one process
 ``writer``      the writer thread's job: a finished shard → npy samples → atomic tar
+``finish``      part reports; merged timings and manifests once every shard exists
 ``finalize``    channel statistics, merged timings and the manifest of a finished set
 ==============  ========================================================================
 
@@ -70,7 +80,13 @@ Everything listed in ``__all__`` is importable from ``synesthesia.stage_one``.
 from synesthesia.stage_one.assignment import source_tasks
 from synesthesia.stage_one.generator import build_generator, prepare_generator, storage_dtype
 from synesthesia.stage_one.paths import decoded_dir, flag_field, latent_dir, set_name, source_dir
-from synesthesia.stage_one.runner import SetResult, StageOneIncomplete, StageOneResult, run_stage_one
+from synesthesia.stage_one.runner import (
+    SetResult,
+    StageOneIncomplete,
+    StageOneResult,
+    finalize_stage_one,
+    run_stage_one,
+)
 from synesthesia.stage_one.runtime import Runtime, resolve_runtime, validate
 from synesthesia.stage_one.set_runner import SetRunner
 
@@ -82,6 +98,7 @@ __all__ = [
     "StageOneResult",
     "build_generator",
     "decoded_dir",
+    "finalize_stage_one",
     "flag_field",
     "latent_dir",
     "prepare_generator",

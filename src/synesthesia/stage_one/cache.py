@@ -7,7 +7,8 @@
 - :func:`check_set` - read-only, on every process: ``fresh``, ``resume`` or ``replace``, or a
   ``UserError`` naming what changed (a different key is refused unless ``--overwrite``);
 - :func:`prepare_set` - main process only: delete a replaced set, drop a killed run's temporaries,
-  write ``cache_key.json``.
+  write ``cache_key.json``; with ``shared`` (independent parts) only what is provably dead goes;
+- :func:`part_report_name`, ``PART_REPORTS`` - the hidden per-part throughput reports.
 
 A pure function of the configuration and the files on disk, so a set that was interrupted and then
 completed gets the same ``cache_key.json``, byte for byte, as an uninterrupted run.
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from synesthesia import UserError
-from synesthesia.processes import remove_stale_temps
 from synesthesia.shards.schema import MANIFEST, read_json_file
 from synesthesia.stage_one.paths import CACHE_KEY, THROUGHPUT
-from synesthesia.utils import atomic_write_text, sha256_bytes
+from synesthesia.storage import atomic_write_text, remove_stale_temps
+from synesthesia.utils import sha256_bytes
 
 logger = logging.getLogger(__name__)
+
+PART_REPORTS = ".throughput-part-*-of-*.json"  # one per part of the job that wrote the set
 
 
 def canonical_json(data: Any) -> str:
@@ -79,8 +82,23 @@ def check_set(directory: Path, key: str, material: dict[str, Any], overwrite: bo
     return "resume"
 
 
-def prepare_set(directory: Path, key: str, material: dict[str, Any], action: str) -> None:
-    """Main process only: delete a replaced set, drop stale temporaries, write ``cache_key.json``."""
+def part_report_name(index: int, count: int) -> str:
+    """The hidden file with the throughput report of part ``index`` of ``count``."""
+    return f".throughput-part-{index}-of-{count}.json"
+
+
+def prepare_set(
+    directory: Path, key: str, material: dict[str, Any], action: str, shared: bool = False
+) -> None:
+    """Delete a replaced set, drop stale temporaries, write ``cache_key.json``.
+
+    Run by the main process of a job. ``shared``: other independent parts may be writing into the
+    folder right now, so only temporaries older than a lease go and the part reports of the other
+    parts stay (``cache_key.json`` is written with the same bytes by every part that finds the
+    folder fresh). Otherwise the job is alone: its predecessors' temporaries and part reports go.
+    """
+    if shared and action == "replace":
+        raise ValueError("an independent part cannot replace a set other parts may be writing")
     directory.mkdir(parents=True, exist_ok=True)
     if action == "replace":
         logger.warning("--overwrite: deleting the old set in %s", directory)
@@ -89,9 +107,13 @@ def prepare_set(directory: Path, key: str, material: dict[str, Any], action: str
         for path in sorted(directory.glob("*.tar")):
             path.unlink()
         (directory / CACHE_KEY).unlink(missing_ok=True)
-    remove_stale_temps(directory, own=[".*.tmp"])  # left behind by a killed run (not a live one's)
-    for path in sorted(directory.glob(".throughput-rank-*.json")):
-        path.unlink(missing_ok=True)
+    if shared:
+        remove_stale_temps(directory)  # only those untouched for an hour: other parts are live
+    else:
+        remove_stale_temps(directory, own=[".*.tmp"])  # left behind by a killed run (not a live one's)
+        for pattern in (".throughput-rank-*.json", PART_REPORTS):
+            for path in sorted(directory.glob(pattern)):
+                path.unlink(missing_ok=True)
     if action in ("fresh", "replace"):
         payload = {"cache_key": key, "material": material}
         atomic_write_text(

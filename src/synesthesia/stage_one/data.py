@@ -1,6 +1,7 @@
 """Stage one, reading side: source shards → per-shard batches, built in DataLoader workers.
 
-The unit of work is one source shard. A worker reads the shard as a stream
+The unit of work is one source shard. A worker reads the shard - a local file or an fsspec URL
+(``synesthesia.storage.open_input``) - as a stream
 (hashing the bytes as they pass, so a shard that differs from its manifest is
 caught without a second read), groups tar members into samples with
 webdataset's own ``tar_file_iterator``/``group_by_keys``, runs the generator's
@@ -45,6 +46,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from synesthesia.shards.schema import SchemaError
 from synesthesia.shards.verify import HashingReader, iter_tar_samples
+from synesthesia.storage import open_input
+from synesthesia.utils import UnsafeFile
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class ShardTask:
     split: str
     index: int  # position of the shard within its split
     name: str  # file name, the same in the source and in every sidecar set
-    path: str  # source shard path
+    path: str  # source shard path or URL (``s3://…``: credentials come from the environment)
     samples: int  # sample count in the source manifest
     sha256: str  # sha256 in the source manifest
 
@@ -69,8 +72,8 @@ class SourceShardError(Exception):
 
 
 def read_shard_samples(path: str | Path) -> tuple[list[dict[str, Any]], str, int]:
-    """All samples of a shard, its sha256 and its size in bytes (one read of the file)."""
-    with open(path, "rb") as fh:
+    """All samples of a shard (local or an fsspec URL), its sha256 and its size in bytes (one read)."""
+    with open_input(path) as fh:
         reader = HashingReader(fh)
         samples = list(iter_tar_samples(reader, str(path)))
         reader.drain()
@@ -154,7 +157,7 @@ class ShardBatches(IterableDataset):
         count = 0
         t0 = time.perf_counter()
         try:
-            with open(task.path, "rb") as fh:
+            with open_input(task.path) as fh:
                 reader = HashingReader(fh)
                 samples = iter_tar_samples(reader, task.path)
                 while True:
@@ -192,6 +195,6 @@ class ShardBatches(IterableDataset):
                 pending = {**self._batch(task, [], time.perf_counter() - t0)}
             pending["last"] = True
             yield pending
-        except (SourceShardError, OSError) as exc:
+        except (SourceShardError, OSError, UnsafeFile) as exc:
             message = str(exc) if isinstance(exc, SourceShardError) else f"{task.name}: {exc}"
             yield {"split": task.split, "index": task.index, "error": message}

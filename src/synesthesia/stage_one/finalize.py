@@ -10,7 +10,9 @@
 - :func:`build_manifest`, :func:`_finalize` - main process: each set's ``manifest.json``, written last
   and atomically, only when every shard exists; then the dataset card (``synesthesia.shards.card``).
 
-Everything in the manifest is a pure function of files on disk and the configuration, so a set that
+A set folder may be local or in a bucket (``synesthesia.storage``): the listing is refreshed before
+the scan, as other processes wrote shards there, and the manifest is the last key written - its
+presence commits the set. Everything in the manifest is a pure function of files on disk and the configuration, so a set that
 was interrupted (even by SIGKILL) and then completed gets the same ``manifest.json``, byte for byte, as
 an uninterrupted run. Wall-clock timings can never be byte-identical, so they go to ``throughput.json``
 beside the manifest, which names that file in ``extra.throughput``.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from upath import UPath
 
 from synesthesia import UserError
 from synesthesia.config import config_hash as hash_config
@@ -35,7 +38,7 @@ from synesthesia.shards.writer import Manifest, ShardInfo
 from synesthesia.stage_one.cache import cache_key
 from synesthesia.stage_one.data import read_shard_samples
 from synesthesia.stage_one.paths import THROUGHPUT, flag_field, set_name
-from synesthesia.utils import atomic_write_text
+from synesthesia.storage import atomic_write_text, refresh
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ def channel_axis(kind: str, spec_ndim: int, array_ndim: int) -> int | None:
 
 
 def scan_set(
-    directory: Path,
+    directory: Path | UPath,
     source: Manifest,
     splits: list[str],
     field: str,
@@ -99,6 +102,7 @@ def scan_set(
 
     ``stats_axis(array) -> axis | None`` picks the channel axis; ``False`` turns statistics off.
     """
+    refresh(directory)  # a bucket listing cached before other processes wrote their shards
     infos: dict[str, list[ShardInfo]] = {}
     flagged: dict[str, list[list[str]]] = {}
     counts: Counter[str] = Counter()
@@ -129,7 +133,7 @@ def scan_set(
     return infos, flagged, counts, stats.result(), missing
 
 
-def stored_shape(directory: Path, infos: dict[str, list[ShardInfo]], field: str) -> list[int] | None:
+def stored_shape(directory: Path | UPath, infos: dict[str, list[ShardInfo]], field: str) -> list[int] | None:
     """The shape of one sample's ``field`` as stored (the first sample of the first non-empty shard).
 
     Every sample of a set has the same shape (flagged samples hold zeros of it), so
@@ -144,7 +148,7 @@ def stored_shape(directory: Path, infos: dict[str, list[ShardInfo]], field: str)
     return None
 
 
-def write_throughput(directory: Path, report: dict[str, Any]) -> None:
+def write_throughput(directory: Path | UPath, report: dict[str, Any]) -> None:
     """Write ``throughput.json``, except for a rerun that wrote nothing (every shard already
     complete): that keeps the timing of the run that did write the shards."""
     path = directory / THROUGHPUT

@@ -7,14 +7,19 @@
 - ``CACHE_KEY``, ``THROUGHPUT`` - the files beside a set's ``manifest.json`` that hold its cache key
   and the wall-clock timings of the run that wrote it.
 
-Pure functions of the configuration: no I/O.
+Pure functions of the configuration: no I/O. ``out`` may be a local folder or an fsspec URL
+(``s3://bucket/prefix``); a URL stays a URL (:func:`synesthesia.storage.as_path`), where ``Path()``
+would collapse ``s3://b/x`` into the local ``s3:/b/x``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from upath import UPath
+
 from synesthesia.config import GeneratorConfig
+from synesthesia.storage import as_path
 
 CACHE_KEY = "cache_key.json"
 THROUGHPUT = "throughput.json"
@@ -30,13 +35,13 @@ def flag_field(modality: str) -> str:
     return f"{modality}.flag.txt"
 
 
-def source_dir(out: str | Path, dataset: str) -> Path:
-    return Path(out) / dataset / "source"
+def source_dir(out: str | Path | UPath, dataset: str) -> Path | UPath:
+    return as_path(out, "--out") / dataset / "source"
 
 
-def latent_dir(out: str | Path, dataset: str, name: str) -> Path:
-    return Path(out) / dataset / "latents" / name
+def latent_dir(out: str | Path | UPath, dataset: str, name: str) -> Path | UPath:
+    return as_path(out, "--out") / dataset / "latents" / name
 
 
-def decoded_dir(out: str | Path, dataset: str, name: str) -> Path:
-    return Path(out) / dataset / "decoded" / name
+def decoded_dir(out: str | Path | UPath, dataset: str, name: str) -> Path | UPath:
+    return as_path(out, "--out") / dataset / "decoded" / name

@@ -1,20 +1,23 @@
 """``run_stage_one``: every configured generator over the source set, one set after the other.
 
 - :func:`run_stage_one` - what ``synesthesia shard`` runs: check the settings, read the source
-  manifest, join the distributed job, run each generator; raises :class:`StageOneIncomplete` when a
-  source shard failed, after every other shard was written;
-- :func:`_run_generator` - one generator's sets in four steps, with a barrier between them: 1. every
-  process checks the set folders and the main process prepares them
-  (:mod:`~synesthesia.stage_one.cache`); 2. every process lists the same pending shards and takes its
-  share (:mod:`~synesthesia.stage_one.assignment`); 3. inference
-  (:class:`~synesthesia.stage_one.set_runner.SetRunner`); 4. the main process merges the timings and
-  writes the manifests (:mod:`~synesthesia.stage_one.finalize`);
+  manifest, find this process's part (:mod:`synesthesia.parts`), run each generator; raises
+  :class:`StageOneIncomplete` when a source shard failed, after every other shard was written;
+- :func:`_run_generator` - one generator's sets in four steps: 1. every process checks the set
+  folders and the lead prepares them (:mod:`~synesthesia.stage_one.cache`); 2. a fixed assignment
+  over every source shard, the complete ones skipped (:mod:`~synesthesia.stage_one.assignment`);
+  3. each remaining shard's lease claimed (:mod:`~synesthesia.stage_one.leases`), then inference
+  (:class:`~synesthesia.stage_one.set_runner.SetRunner`) and this part's report; 4. if every shard
+  now exists, the part reports merged and the manifests written
+  (:mod:`~synesthesia.stage_one.finish`), else the rest is left to the parts that own it. The
+  processes of one torchrun/accelerate job wait for each other between the steps (the main process
+  is the lead); independent parts (``--part``, Slurm) never wait and each is its own lead;
+- :func:`finalize_stage_one` - ``synesthesia shard --finalize``: step 4 alone, from the files;
 - :class:`SetResult`, :class:`StageOneResult`, :class:`StageOneIncomplete` - the outcome.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +26,26 @@ from typing import Any
 import torch
 
 from synesthesia import UserError
-from synesthesia.config import GeneratorConfig, PipelineConfig, to_dict
-from synesthesia.shards.schema import MANIFEST, SCHEMA_VERSION, read_json_file
+from synesthesia.config import GeneratorConfig, PipelineConfig
+from synesthesia.parts import TORCH, Part
+from synesthesia.shards.schema import MANIFEST
 from synesthesia.shards.writer import Manifest
-from synesthesia.stage_one.assignment import pending_tasks, source_tasks, tasks_for_process
+from synesthesia.stage_one.assignment import pending_tasks, source_tasks
 from synesthesia.stage_one.cache import cache_key, check_set, prepare_set
-from synesthesia.stage_one.finalize import _finalize, _merge_reports, write_throughput
+from synesthesia.stage_one.finish import (
+    SetPlan,
+    finish_set,
+    generator_material,
+    missing_message,
+    plan_from_cache_key,
+    write_part_report,
+)
 from synesthesia.stage_one.generator import build_generator, prepare_generator, storage_dtype
+from synesthesia.stage_one.leases import LeaseKeeper
 from synesthesia.stage_one.paths import decoded_dir, latent_dir, set_name, source_dir
 from synesthesia.stage_one.runtime import Runtime, resolve_runtime, validate
 from synesthesia.stage_one.set_runner import SetRunner
-from synesthesia.utils import atomic_write_text
+from synesthesia.storage import as_path
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +59,7 @@ class SetResult:
     decoded_dir: Path | None
     complete: bool = False
     failures: list[str] = field(default_factory=list)
+    waiting: int = 0  # shards missing that belong to other parts or jobs (not failures of this one)
     throughput: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,7 +69,8 @@ class StageOneResult:
 
     @property
     def ok(self) -> bool:
-        return all(s.complete and not s.failures for s in self.sets)
+        """No shard failed here, and every set is complete or waits only on other parts."""
+        return all(not s.failures and (s.complete or s.waiting) for s in self.sets)
 
 
 class StageOneIncomplete(UserError):
@@ -80,6 +94,7 @@ def _run_generator(
     source: Manifest,
     splits: list[str],
     runtime: Runtime,
+    part: Part,
     overwrite: bool,
     progress: bool = True,
 ) -> SetResult:
@@ -93,7 +108,6 @@ def _run_generator(
     attention = prepare_generator(generator, runtime)
     spec = generator.latent_spec()
     identity = generator.identity()
-    mode = generator.mode
     dtype = storage_dtype(spec, cfg.shard)
     spec_dict = {**spec.to_dict(), "dtype": dtype.name}
     settings = {
@@ -101,103 +115,93 @@ def _run_generator(
         "latent_dtype": dtype.name,
         **runtime.settings(attention),
     }
-    generator_config = {k: v for k, v in to_dict(gcfg).items() if k != "set_name"}
-    material = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "latent",
-        "generator": {"config": generator_config, "identity": identity},
-        "latent_spec": spec_dict,
-        "stage_one": settings,
-        "source": {split: [s.sha256 for s in shards] for split, shards in sorted(source.splits.items())},
-    }
-    dirs = [(lat_dir, material)]
-    if dec_dir is not None:
-        dirs.append((dec_dir, {**material, "kind": "decoded"}))
+    material = generator_material(gcfg, source, identity, spec_dict, settings)
+    plan = SetPlan(name, lat_dir, dec_dir, material, identity, generator.mode, spec, spec_dict)
+    # the processes of one torchrun/accelerate job wait for each other; independent parts never do
+    grouped = not part.independent and state.num_processes > 1
+    lead = part.independent or state.is_main_process
 
-    # 1. every process checks the set folders (read-only), then the main process prepares them
-    actions = [check_set(d, cache_key(m), m, overwrite) for d, m in dirs]
-    state.wait_for_everyone()
-    if state.is_main_process:
-        for (d, m), action in zip(dirs, actions, strict=True):
-            prepare_set(d, cache_key(m), m, action)
-    state.wait_for_everyone()
+    def sync() -> None:
+        if grouped:
+            state.wait_for_everyone()
 
-    # 2. every process lists the same pending shards before any of them writes
+    # 1. every process checks the set folders (read-only), then the lead prepares them
+    actions = [check_set(d, cache_key(m), m, overwrite) for d, m in plan.dirs]
+    sync()
+    if lead:
+        for (d, m), action in zip(plan.dirs, actions, strict=True):
+            prepare_set(d, cache_key(m), m, action, shared=part.independent)
+    sync()
+
+    # 2. a fixed assignment over every source shard, then the complete ones are skipped
     tasks = source_tasks(source, source_dir(out, cfg.dataset), splits)
-    pending = pending_tasks(tasks, lat_dir, dec_dir)
-    state.wait_for_everyone()
-    if pending and state.is_main_process:
-        for d, _ in dirs:
+    share = part.take(tasks)
+    todo = pending_tasks(share, lat_dir, dec_dir)
+    missing = pending_tasks(tasks, lat_dir, dec_dir)
+    sync()
+    if missing and lead:  # a manifest must never describe a set with shards missing
+        for d, _ in plan.dirs:
             (d / MANIFEST).unlink(missing_ok=True)
-    mine = tasks_for_process(pending, state.process_index, state.num_processes)
     logger.info(
-        "%s: %d shards to do (%d complete), process %d of %d takes %d",
+        "%s: %s takes %d of %d shards, %d already complete: %d shards to do (%d complete)",
         name,
-        len(pending),
-        len(tasks) - len(pending),
-        state.process_index,
-        state.num_processes,
-        len(mine),
+        part,
+        len(share),
+        len(tasks),
+        len(share) - len(todo),
+        len(todo),
+        len(share) - len(todo),
     )
 
-    # 3. inference
+    # 3. claim each shard's lease, then inference and the part report; the leases go when the run ends
     runner = SetRunner(generator, runtime, cfg.shard, gcfg.modality)
-    report = runner.run(mine, lat_dir, dec_dir, progress=progress)
-    atomic_write_text(
-        lat_dir / f".throughput-rank-{state.process_index}.json", json.dumps(report, sort_keys=True)
-    )
+    with LeaseKeeper(str(part), cfg.shard.lease_timeout_s) as leases:
+        mine = []
+        for task in todo:
+            if not leases.claim(lat_dir, task.name):
+                continue
+            if pending_tasks([task], lat_dir, dec_dir):
+                mine.append(task)
+            else:  # published by another job between listing and claiming
+                leases.release(lat_dir, task.name)
+        if len(mine) < len(todo):
+            logger.info(
+                "%s: %d shard(s) are another job's (leased or just written)", name, len(todo) - len(mine)
+            )
+        report = runner.run(mine, lat_dir, dec_dir, progress=progress)
+        # before the leases go: a finisher that still sees them keeps the part reports for this one
+        write_part_report(lat_dir, part, report, skipped=len(share) - len(todo))
     result.failures = list(report["failures"])
     del runner, generator
     if runtime.device.type == "cuda":
         torch.cuda.empty_cache()
-    state.wait_for_everyone()
+    sync()
 
-    # 4. the main process merges timings and writes the manifests from the files on disk
-    if state.is_main_process:
-        rank_files = [lat_dir / f".throughput-rank-{r}.json" for r in range(state.num_processes)]
-        reports = [read_json_file(p) for p in rank_files if p.is_file()]
-        merged = _merge_reports(reports, len(tasks) - len(pending), runtime.settings(attention))
-        for p in rank_files:
-            p.unlink(missing_ok=True)
-        result.throughput = merged
-        total = merged["total"]
-        logger.info(
-            "%s: %d samples in %d shards, %.1f samples/s over %d process(es)"
-            " (read %.2f s, infer %.2f s, decode %.2f s, write %.2f s; waited %.2f s on input, %.2f s on writes)",
-            name,
-            total["samples"],
-            total["shards"],
-            total["samples_per_s"],
-            merged["num_processes"],
-            total["read_s"],
-            total["infer_s"],
-            total["decode_s"],
-            total["write_s"],
-            total["wait_s"],
-            total["write_wait_s"],
-        )
-        for d, _ in dirs:
-            write_throughput(d, merged)
-        result.failures = merged["failures"]
-        result.complete = _finalize(
-            cfg, gcfg, source, splits, identity, mode, spec, spec_dict, material, dirs
-        )
-    state.wait_for_everyone()
-    if not state.is_main_process:  # the main process wrote the manifests iff the sets are complete
-        result.complete = all((d / MANIFEST).is_file() for d, _ in dirs)
+    # 4. whoever finds every shard present merges the part reports and writes the manifests
+    if lead:
+        remaining = pending_tasks(tasks, lat_dir, dec_dir)
+        if remaining:
+            logger.log(
+                logging.ERROR if result.failures else logging.INFO,
+                "%s: %s; no manifest yet",
+                name,
+                missing_message(plan, tasks, remaining, part.count if part.independent else None, "left to"),
+            )
+        else:
+            merged, result.complete = finish_set(cfg, gcfg, source, splits, plan)
+            result.throughput = merged
+            if grouped:
+                result.failures = merged["failures"]
+    sync()
+    if not lead:  # the main process wrote the manifests iff the sets are complete
+        result.complete = all((d / MANIFEST).is_file() for d, _ in plan.dirs)
+    if not result.complete:
+        result.waiting = len(pending_tasks(tasks, lat_dir, dec_dir))
     return result
 
 
-def run_stage_one(
-    cfg: PipelineConfig, out: str | Path = "shards", overwrite: bool = False, progress: bool = True
-) -> StageOneResult:
-    """Run every configured generator over the source set of ``cfg.dataset`` under ``out``.
-
-    Raises :class:`StageOneIncomplete` (a ``UserError``) when a source shard failed, after every
-    other shard was written; its ``result`` says which sets are complete.
-    """
-    validate(cfg)
-    out = Path(out)
+def _source_set(cfg: PipelineConfig, out: Path) -> tuple[Manifest, list[str]]:
+    """The source manifest of ``cfg.dataset`` under ``out`` and the configured splits it has."""
     src_dir = source_dir(out, cfg.dataset)
     if not (src_dir / MANIFEST).is_file():
         raise UserError(f"no source set at {src_dir}: run `synesthesia render` or `synesthesia ingest` first")
@@ -210,7 +214,39 @@ def run_stage_one(
         raise UserError(
             f"none of shard.splits ({', '.join(cfg.shard.splits)}) is in the source set {src_dir}"
         )
+    return source, splits
+
+
+def run_stage_one(
+    cfg: PipelineConfig,
+    out: str | Path = "shards",
+    overwrite: bool = False,
+    progress: bool = True,
+    part: Part | None = None,
+) -> StageOneResult:
+    """Run every configured generator over the source set of ``cfg.dataset`` under ``out``.
+
+    ``part``: which independent part of the job this process does (the CLI passes
+    :func:`~synesthesia.parts.resolve_part`'s; default: the whole job, split over the processes of a
+    torchrun/accelerate launch if there are several). A part leaves the shards of other parts, and of jobs
+    holding their leases, to them, and writes the manifests when it finds every shard present.
+
+    Raises :class:`StageOneIncomplete` (a ``UserError``) when a source shard failed, after every
+    other shard was written; its ``result`` says which sets are complete.
+    """
+    validate(cfg)
+    out = as_path(out, "--out")
+    part = Part() if part is None else part
+    if overwrite and part.independent:
+        raise UserError(
+            f"--overwrite with independent parts ({part}): the parts cannot agree who deletes the old"
+            " set; delete it, or run `synesthesia shard --overwrite` once without parts, first"
+        )
+    source, splits = _source_set(cfg, out)
     runtime = resolve_runtime(cfg.shard)
+    if not part.independent:  # a torchrun/accelerate job: the process group says which part
+        state = runtime.state
+        part = Part(state.process_index, state.num_processes, TORCH) if state.num_processes > 1 else Part()
     logger.info(
         "stage one on %s (%s), process %d of %d",
         runtime.device,
@@ -219,10 +255,38 @@ def run_stage_one(
         runtime.state.num_processes,
     )
     results = [
-        _run_generator(cfg, g, out, source, splits, runtime, overwrite, progress)
+        _run_generator(cfg, g, out, source, splits, runtime, part, overwrite, progress)
         for g in cfg.shard.generators
     ]
     result = StageOneResult(sets=results)
     if not result.ok:
         raise StageOneIncomplete(result)
     return result
+
+
+def finalize_stage_one(cfg: PipelineConfig, out: str | Path = "shards") -> StageOneResult:
+    """``synesthesia shard --finalize``: write each configured set's manifests if every shard exists.
+
+    No inference and no generator is built (:func:`~synesthesia.stage_one.finish.plan_from_cache_key`).
+    The same bytes as the run that completed the set, however often it runs. A set with shards
+    missing is a ``UserError`` saying how many and which parts own them (after the complete sets
+    were finalized).
+    """
+    validate(cfg)
+    out = as_path(out, "--out")
+    source, splits = _source_set(cfg, out)
+    results, problems = [], []
+    for gcfg in cfg.shard.generators:
+        plan = plan_from_cache_key(cfg, gcfg, source, out)
+        tasks = source_tasks(source, source_dir(out, cfg.dataset), splits)
+        missing = pending_tasks(tasks, plan.latent_dir, plan.decoded_dir)
+        result = SetResult(name=plan.name, latent_dir=plan.latent_dir, decoded_dir=plan.decoded_dir)
+        if missing:
+            result.waiting = len(missing)
+            problems.append(f"{plan.name}: {missing_message(plan, tasks, missing)}")
+        else:
+            result.throughput, result.complete = finish_set(cfg, gcfg, source, splits, plan)
+        results.append(result)
+    if problems:
+        raise UserError("cannot finalize yet: " + "; ".join(problems))
+    return StageOneResult(sets=results)

@@ -3,7 +3,7 @@
 - :class:`_ShardState` - one shard while its batches arrive: keys, flags, latents (and decodings),
   read / infer / decode seconds;
 - :class:`_Job` - everything the writer thread needs for one shard (no model access): the state, the
-  latent and decoded shard paths still to write, the field names;
+  latent and decoded shard paths still to write (local or fsspec URLs), the field names;
 - :func:`_write_job` - each sample as npy (plus the flag field when flagged), each tar written
   atomically (a failed write leaves nothing under the shard's name); returns the shard's throughput
   entry.
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from upath import UPath
 
 from synesthesia import UserError
 from synesthesia.shards.schema import encode_npy
@@ -47,8 +48,8 @@ class _Job:
     """Everything the writer thread needs for one shard (no model access)."""
 
     state: _ShardState
-    latent_path: Path | None
-    decoded_path: Path | None
+    latent_path: Path | UPath | None
+    decoded_path: Path | UPath | None
     latent_field: str
     decoded_field: str
     flag_field: str

@@ -38,6 +38,7 @@ from synesthesia.shards.reader import ErrorPolicy, ShardMismatchError, aligned_s
 from synesthesia.shards.schema import decode_npy, decoded_field, image_field, latent_field
 from synesthesia.shards.verify import LEVELS, check_shards
 from synesthesia.shards.writer import Manifest
+from synesthesia.storage import as_path
 from synesthesia.train.on_the_fly import build_decoder, decode_latents
 from synesthesia.train.samples import augment_mode, decode_rgb
 
@@ -300,7 +301,7 @@ def resolve_data(cfg) -> DataSpec:
     check_decoded_from(train)
     check_verify(train)
     augment_mode(train.augment)
-    root = Path(train.shards) / cfg.dataset
+    root = as_path(train.shards, "train.shards") / cfg.dataset
     source_dir = root / "source"
     if not (source_dir / "manifest.json").is_file():
         raise UserError(

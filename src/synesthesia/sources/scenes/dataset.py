@@ -13,6 +13,10 @@ the worker count) and its hash; an existing, verified render of the same
 config is kept (``is_rendered``) unless ``force``. ``check_config`` turns bad
 ``scenes.*`` values into UserErrors, and refuses a sample whose estimated memory
 (``sample_bytes``) is over ``MAX_SAMPLE_BYTES``, before anything is allocated.
+
+With a ``part`` (``synesthesia render --part i/N``, a Slurm array task) only
+that part's shards are rendered and the last part to find every shard present
+writes the manifest (``render_parts``): the same files as a whole render.
 """
 
 from __future__ import annotations
@@ -28,18 +32,21 @@ from typing import Any
 
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, ScenesConfig, check_section, config_hash
+from synesthesia.parts import Part
 from synesthesia.processes import DieWithParent, remove_stale_temps
 from synesthesia.progress import progress
 from synesthesia.shards.card import write_dataset_card
 from synesthesia.shards.schema import MANIFEST
 from synesthesia.shards.verify import verify
-from synesthesia.shards.writer import Manifest, SplitWriter
+from synesthesia.shards.writer import Manifest, ShardInfo, SplitWriter
 from synesthesia.sources.scenes.render import render_sample
 from synesthesia.sources.scenes.scene import CLASS_NAMES, HFOV_DEG, NUM_CLASSES, SPLIT_CODES
 
 logger = logging.getLogger(__name__)
 
 MODALITIES = ["rgb", "depth", "audio", "lidar"]
+PARTS_KEY = ".render-parts.json"  # the render config the parts of an unfinished render share
+CHUNK = 32  # samples per pool job
 
 
 def _render_chunk(job: tuple[int, str, int, int, ScenesConfig]) -> list[dict]:
@@ -101,15 +108,25 @@ def is_rendered(directory: Path, cfg: PipelineConfig) -> bool:
 
 
 def render_dataset(
-    cfg: PipelineConfig, out: str | Path, *, workers: int | None = None, force: bool = False
+    cfg: PipelineConfig,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    force: bool = False,
+    part: Part | None = None,
 ) -> tuple[Path, bool]:
     """Render every split into ``<out>/<dataset>/source``; returns (folder, whether it rendered).
 
-    An existing, verified render of the same config is kept unless ``force``.
+    An existing, verified render of the same config is kept unless ``force``. With ``part`` (one
+    of several), only that part's shards are rendered (:mod:`.render_parts`).
     """
     sc = cfg.scenes
     check_config(sc)
     directory = source_dir(cfg, out)
+    if part is not None and not part.whole:
+        from synesthesia.sources.scenes.render_parts import render_part
+
+        return render_part(cfg, directory, part, workers=workers, force=force)
     # a killed render's temporaries: this render writes these names, so their writer is dead
     own = [f".{split}-*.tar.*.tmp" for split in SPLIT_CODES] + [f".{MANIFEST}.*.tmp"]
     remove_stale_temps(directory, own=own)
@@ -121,12 +138,13 @@ def render_dataset(
         return directory, False
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)
+    (directory / PARTS_KEY).unlink(missing_ok=True)
     for split in SPLIT_CODES:
         for stale in directory.glob(f"{split}-*.tar"):
             stale.unlink()
     workers = workers if workers is not None else sc.workers
     workers = workers or os.cpu_count() or 1
-    chunk = 32
+    chunk = CHUNK
     splits = {}
     with _worker_pool(workers) as pool:
         for split, count in split_sizes(sc).items():
@@ -143,7 +161,14 @@ def render_dataset(
             bar.close()
             splits[split] = writer.close()
             logger.info("rendered %s: %d samples in %d shards", split, count, len(splits[split]))
-    manifest = Manifest(
+    _manifest(cfg, splits).write(directory)
+    write_dataset_card(directory.parent)
+    return directory, True
+
+
+def _manifest(cfg: PipelineConfig, splits: dict[str, list[ShardInfo]]) -> Manifest:
+    """The source manifest of a finished render (the same for a whole render and for parts)."""
+    return Manifest(
         kind="source",
         dataset=cfg.dataset,
         splits=splits,
@@ -155,20 +180,17 @@ def render_dataset(
             "image_fields": ["rgb.png"],
             "num_classes": NUM_CLASSES,
             "class_names": CLASS_NAMES,
-            "audio_rate": sc.audio_rate,
-            "audio_seconds": sc.audio_seconds,
-            "image_size": [sc.image_size, sc.image_size],
-            "lidar_shape": [sc.lidar_beams, sc.lidar_azimuth],
+            "audio_rate": cfg.scenes.audio_rate,
+            "audio_seconds": cfg.scenes.audio_seconds,
+            "image_size": [cfg.scenes.image_size, cfg.scenes.image_size],
+            "lidar_shape": [cfg.scenes.lidar_beams, cfg.scenes.lidar_azimuth],
             "lidar_fields": ["lidar.npy", "lidar_intensity.npy"],
-            "lidar_max_range": sc.lidar_max_range,
+            "lidar_max_range": cfg.scenes.lidar_max_range,
             "hfov_deg": HFOV_DEG,
             "depth": "z-depth in metres, 0 where the pixel sees the sky",
-            "ambiguity": sc.ambiguity,
+            "ambiguity": cfg.scenes.ambiguity,
         },
     )
-    manifest.write(directory)
-    write_dataset_card(directory.parent)
-    return directory, True
 
 
 @contextmanager
