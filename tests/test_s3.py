@@ -384,3 +384,23 @@ def test_a_bucket_lease_heartbeat_moves_its_time_and_notices_a_takeover(buckets,
     assert not keeper.objects and "lost its lease" in caplog.text
     keeper.close()
     assert "f00d" in lease.read_text()  # closing left the new owner's lease alone
+
+
+def test_render_into_a_bucket_as_two_parts_equals_a_local_render(buckets, tmp_path: Path, capsys):
+    from tiny_scenes import tiny_scenes
+
+    pipeline = str(TESTS.parent / "pipelines" / "demo.yaml")
+    overrides = tiny_scenes(num_train=24, num_val=8, num_test=8, shard_size=8)
+    local = tmp_path / "local"
+    assert _cli(capsys, "render", pipeline, *overrides, "--out", str(local))[0] == 0
+    for index in (1, 0):  # any order: the part that finds every shard present writes the manifest
+        code, _, err = _cli(capsys, "render", pipeline, *overrides, "--out", buckets[1], "--part", f"{index}/2")
+        assert code == 0, err
+    remote = as_path(buckets[1]) / "scenes" / "source"
+    remote.fs.invalidate_cache()
+    names = sorted(p.name for p in (local / "scenes" / "source").iterdir())
+    assert sorted(p.name for p in remote.iterdir()) == names  # no lease, report or temporary left
+    for name in names:
+        assert (remote / name).read_bytes() == (local / "scenes" / "source" / name).read_bytes(), name
+    code, out, err = _cli(capsys, "inspect", f"{buckets[1]}/scenes/source", "--verify")
+    assert code == 0, err

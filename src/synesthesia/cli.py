@@ -43,7 +43,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, out_default: str | N
         "(`synesthesia config PIPELINE` lists every key, its default and what it does)",
     )
     if out_default is not None:
-        parser.add_argument("--out", default=out_default, help=f"output root (default: {out_default})")
+        parser.add_argument(
+            "--out",
+            default=out_default,
+            help=f"output root: a folder, or an fsspec URL such as s3://bucket/prefix (default: {out_default})",
+        )
 
 
 def int_in(low: int, high: int):

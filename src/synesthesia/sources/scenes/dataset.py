@@ -33,7 +33,7 @@ from typing import Any
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, ScenesConfig, check_section, config_hash
 from synesthesia.parts import Part
-from synesthesia.processes import DieWithParent, remove_stale_temps
+from synesthesia.processes import DieWithParent
 from synesthesia.progress import progress
 from synesthesia.shards.card import write_dataset_card
 from synesthesia.shards.schema import MANIFEST
@@ -41,6 +41,7 @@ from synesthesia.shards.verify import verify
 from synesthesia.shards.writer import Manifest, ShardInfo, SplitWriter
 from synesthesia.sources.scenes.render import render_sample
 from synesthesia.sources.scenes.scene import CLASS_NAMES, HFOV_DEG, NUM_CLASSES, SPLIT_CODES
+from synesthesia.storage import as_path, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def render_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def source_dir(cfg: PipelineConfig, out: str | Path) -> Path:
-    return Path(out) / cfg.dataset / "source"
+    """``<out>/<dataset>/source``: a local folder or a folder in a bucket (``s3://…``)."""
+    return as_path(out, "--out") / cfg.dataset / "source"
 
 
 def is_rendered(directory: Path, cfg: PipelineConfig) -> bool:

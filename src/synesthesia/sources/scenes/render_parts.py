@@ -28,7 +28,6 @@ from pathlib import Path
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, config_hash
 from synesthesia.parts import Part
-from synesthesia.processes import remove_stale_temps
 from synesthesia.progress import progress
 from synesthesia.shards.card import write_dataset_card
 from synesthesia.shards.schema import MANIFEST, read_json_file, shard_name
@@ -44,7 +43,7 @@ from synesthesia.sources.scenes.dataset import (
     split_sizes,
 )
 from synesthesia.stage_one.leases import LeaseKeeper
-from synesthesia.utils import atomic_write_text
+from synesthesia.storage import atomic_write_text, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
