@@ -94,6 +94,9 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # object-store clients announce every credential lookup at INFO
+        for name in ("aiobotocore", "botocore", "s3fs", "fsspec"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def process_umask() -> int:
