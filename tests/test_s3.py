@@ -338,9 +338,8 @@ def test_bucket_leases_are_exclusive_and_released(buckets):
 
 
 def test_a_stale_bucket_lease_is_taken_over_by_exactly_one_claimer(buckets, caplog):
-    import threading
-
     import socket
+    import threading
 
     folder = as_path(buckets[1]) / "set"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -394,7 +393,9 @@ def test_render_into_a_bucket_as_two_parts_equals_a_local_render(buckets, tmp_pa
     local = tmp_path / "local"
     assert _cli(capsys, "render", pipeline, *overrides, "--out", str(local))[0] == 0
     for index in (1, 0):  # any order: the part that finds every shard present writes the manifest
-        code, _, err = _cli(capsys, "render", pipeline, *overrides, "--out", buckets[1], "--part", f"{index}/2")
+        code, _, err = _cli(
+            capsys, "render", pipeline, *overrides, "--out", buckets[1], "--part", f"{index}/2"
+        )
         assert code == 0, err
     remote = as_path(buckets[1]) / "scenes" / "source"
     remote.fs.invalidate_cache()

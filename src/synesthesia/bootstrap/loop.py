@@ -19,7 +19,8 @@ The regression objective feeds ``[c ; 0]`` at timestep 0 and regresses x₀.
 warmup + cosine LR, trackers, progress (a bar or log lines: :mod:`synesthesia.progress`), `checkpoints
 kept by :class:`_Checkpoints`: safetensors and JSON, never a pickle, as stage two's). A batch's indices and noise are functions of
 (seed, step) alone, so resuming from a checkpoint continues exactly where the
-run stopped.
+run stopped. The pairs stay on disk (:class:`~synesthesia.bootstrap.data.RowFile`); each step reads
+its batch's rows, so memory does not grow with the paired set.
 """
 
 from __future__ import annotations
@@ -138,9 +139,8 @@ def train_unet(
         log_with=cfg.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(work_dir), logging_dir=str(work_dir / "logs")),
     )
-    target = pairs.target[train_idx].to(accelerator.device)
-    cond = _resize_cond(pairs.cond[train_idx], target.shape[-2:]).to(accelerator.device)
-    channels, hw = target.shape[1], tuple(target.shape[-2:])
+    # The pairs stay on disk (data.RowFile): each step reads its batch's rows.
+    channels, hw = pairs.target.shape[1], tuple(pairs.target.shape[-2:])
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, channels, hw)
     scheduler = build_scheduler(cfg)
@@ -155,7 +155,7 @@ def train_unet(
         load_training_state(latest[0], accelerator, unet, optimizer, lr_schedule, TrainState())
         start = latest[1]
         logger.info("resumed %s from step %d (%s)", objective, start, latest[0])
-    n = target.shape[0]
+    n = len(train_idx)
     per_epoch = max(1, n // cfg.batch_size)
     history: list[list[float]] = []
     running, seen = 0.0, 0
@@ -171,9 +171,10 @@ def train_unet(
     for step in bar:
         epoch, pos = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].to(accelerator.device)
+        rows = train_idx[order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x0, c = target[idx], cond[idx]
+        x0 = pairs.target[rows].to(accelerator.device)
+        c = _resize_cond(pairs.cond[rows], hw).to(accelerator.device)
         if objective == "diffusion":
             x_t, t, y = _noise_and_targets(cfg, scheduler, x0, g)
         else:

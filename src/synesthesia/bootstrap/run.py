@@ -73,7 +73,7 @@ def bootstrap_modality(
     draws = sample_heldout(unet, scheduler, cond, keys, cfg.inference_steps, cfg.seed, cfg.ensemble)
     single, ensembled = draws[:, 0], draws.mean(dim=1)
     reg = regress(reg_unet, cond)
-    mean = pairs.target[train_idx].mean(dim=0, keepdim=True).expand_as(true)
+    mean = pairs.target.mean(train_idx).expand_as(true)  # summed a chunk at a time
     quality: dict[str, Any] = {
         "modality": modality,
         "heldout_pairs": len(keys),
@@ -91,7 +91,7 @@ def bootstrap_modality(
         quality[f"{prefix}latent_cosine"] = m["cosine"]
     mapping = {k: v for k, v in cfg.mapping.get(modality, {}).items()}
     if modality == "depth":
-        truth = pairs.signal[held_idx.numpy()]
+        truth = pairs.signal.read(held_idx)
         for prefix, latents in [*candidates[:3], ("mean_latent_", mean), ("vae_", true)]:
             d = depth_metrics(codec, latents, truth, mapping, device)
             quality[f"{prefix}abs_rel"] = d["abs_rel"]
@@ -182,26 +182,32 @@ def run_bootstrap(
     torch.manual_seed(cfg.seed)
     codec = build_codec(cfg).to(device)
     t0 = time.monotonic()
-    pairs, skipped = encode_pairs(source_dir, cfg, codec, device)
+    work_root = Path(cfg.work_dir)
+    work_root.mkdir(parents=True, exist_ok=True)
+    pairs, skipped = encode_pairs(source_dir, cfg, codec, device, folder=work_root)  # latents on disk
     encode_seconds = time.monotonic() - t0
     if skipped:
         logger.warning("skipped samples: %s", skipped)
     logger.info("encoded pairs in %.1f s", encode_seconds)
     results = []
-    for modality in cfg.modalities:
-        results.append(
-            bootstrap_modality(
-                pipeline,
-                modality,
-                pairs[modality],
-                codec,
-                out_root,
-                Path(cfg.work_dir),
-                source_dir,
-                command,
-                device,
+    try:
+        for modality in cfg.modalities:
+            results.append(
+                bootstrap_modality(
+                    pipeline,
+                    modality,
+                    pairs[modality],
+                    codec,
+                    out_root,
+                    work_root,
+                    source_dir,
+                    command,
+                    device,
+                )
             )
-        )
+    finally:
+        for paired in pairs.values():
+            paired.close()
     for r in results:
         r["encode_seconds"] = round(encode_seconds, 1)
         r["skipped"] = skipped

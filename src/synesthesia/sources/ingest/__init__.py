@@ -19,10 +19,13 @@ The rest of the package:
 - ``checks``: checking images and decoding paired signals (depth, audio,
   LiDAR) into a canonical sample (``build_sample``); bad samples raise
   ``SchemaError`` with a reason.
-- ``writer``: the run, ``ingest``: lists the source once, plans the splits
-  (present splits kept, missing val/test carved out of train by a seeded
-  permutation), writes each split in a seeded permutation of its keys, and
-  moves the finished set onto ``<out>/<dataset>/source``, manifest last.
+- ``layout``: pass one, ``list_source`` (keys, labels, splits and small
+  locators, no bytes), ``plan`` (present splits kept, missing val/test carved
+  out of train by a seeded permutation) and ``Layout`` (each split in a seeded
+  permutation of its keys, cut into one chunk per output shard).
+- ``staging``: pass two, each chunk built and written into a staging folder,
+  and the finished set published onto ``<out>/<dataset>/source``, manifest last.
+- ``writer``: the run, ``ingest``, whole or as one part of ``--part i/N``.
 
 Bad samples are skipped with one warning line each and counted by reason in
 the manifest's ``skipped``; mistakes of configuration are UserErrors. The same

@@ -12,7 +12,8 @@ top-level folders ``depth``, ``audio`` and ``lidar`` hold the paired signals of
 the image with the same relative path and stem (they are not classes). The
 class is the first folder below the split; hidden files and folders are ignored. The sample key is the relative path
 without extension, sanitised (``sanitise_key``). Images are listed once, in
-sorted path order; their bytes and signals are read lazily, when written.
+sorted path order; their bytes and signals are read lazily, when written (an
+item's ``ref`` is its relative path).
 Names that are not valid UTF-8 and images outside a class folder become
 bad items (skipped and counted by the writer). Only regular files (symlinks
 resolved) of at most ``items.MAX_FILE_BYTES`` are read: a FIFO, a device or a
@@ -21,9 +22,12 @@ larger file is skipped and counted (``not_regular_file``, ``file_too_large``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 from synesthesia import UserError
 from synesthesia.shards.schema import SchemaError
@@ -31,6 +35,7 @@ from synesthesia.sources.ingest.items import (
     SIGNAL_SUFFIXES,
     SPLIT_ALIASES,
     Item,
+    direct_reader,
     read_regular,
     sanitise_key,
 )
@@ -106,7 +111,23 @@ class FolderSource:
                 label=body[0],
                 origin=rel,
                 load=lambda parts=parts: self._load(parts),
+                ref=rel,
             )
+
+    def stamp(self) -> str:
+        """A digest of every image's path, size and modification time (a changed input changes it)."""
+        digest = hashlib.sha256()
+        for rel, parts in self._images():
+            try:
+                st = os.stat(self.root.joinpath(*parts))
+                digest.update(f"{rel!a} {st.st_size} {st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{rel!a} -\n".encode())
+        return digest.hexdigest()
+
+    def open_reader(self, refs: list[Any], staging: Path) -> AbstractContextManager:
+        """Items are read again by relative path, in any order."""
+        return direct_reader(lambda rel: self._load(tuple(rel.split("/"))))
 
     def _load(self, parts: tuple[str, ...]) -> tuple[bytes, dict[str, tuple[bytes, str]]]:
         """Image and signal bytes; only regular files up to ``MAX_FILE_BYTES`` are read (``read_regular``)."""

@@ -8,7 +8,8 @@ first ``Image`` feature (or one named ``image``/``img``, or
 ``fine_label``), whose names become the class names. Columns named ``depth``,
 ``audio`` (an ``Audio`` feature) and ``lidar`` become paired signals. Splits
 other than train/val/test (after ``SPLIT_ALIASES``) are ignored with a
-warning. Rows are read lazily, when written.
+warning. Rows are read lazily, when written (an item's ``ref`` is its split
+and row).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from synesthesia.sources.ingest.items import (
     SPLIT_ALIASES,
     Item,
     _parse_label,
+    direct_reader,
     read_regular,
     sanitise_key,
     split_word,
@@ -143,7 +146,16 @@ class HFSource:
                     label=parsed,
                     origin=origin,
                     load=lambda ds=ds, index=index: self._load(ds, index),
+                    ref=(split, index),
                 )
+
+    def stamp(self) -> str:
+        """The datasets' fingerprints (they change with the data files)."""
+        return " ".join(f"{name}:{getattr(ds, '_fingerprint', '')}" for name, ds in self.splits.items())
+
+    def open_reader(self, refs: list[Any], staging: Path) -> AbstractContextManager:
+        """Rows are read again by (split, row), in any order."""
+        return direct_reader(lambda ref: self._load(self.splits[ref[0]], ref[1]))
 
     def _load(self, ds: Any, index: int) -> tuple[bytes, dict[str, tuple[bytes, str]]]:
         row = ds[index]

@@ -11,6 +11,8 @@
 - ``_parse_label``: a class name or index from a tar field or HF column value.
 - ``SIGNAL_SUFFIXES``: the paired modalities (``depth``, ``audio``, ``lidar``)
   and the file suffixes each accepts.
+- ``direct_reader``: the ``open_reader`` of a source whose items can be read
+  again in any order (folders, HF datasets).
 - ``read_regular``: the bytes of one input file, read only if it is a regular
   file (symlinks resolved) of at most ``MAX_FILE_BYTES``.
 """
@@ -18,7 +20,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,8 @@ class Item:
     ``label`` is a class name (str) or index (int); ``load`` returns the image
     bytes and ``{modality: (bytes, suffix)}``, reading lazily. ``error`` marks an
     item known to be bad before loading (skipped and counted when written).
+    ``ref`` is a small locator of the item's bytes that the source's
+    ``open_reader`` reads again in ingest's second pass (no bytes are kept).
     """
 
     key: str
@@ -58,6 +63,7 @@ class Item:
     load: Callable[[], tuple[bytes, dict[str, tuple[bytes, str]]]] | None = None
     error: SchemaError | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    ref: Any = None
 
 
 def sanitise_key(parts: list[str] | str) -> str:
@@ -104,3 +110,9 @@ def read_regular(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
         return read_regular_file(path, limit)
     except UnsafeFile as exc:
         raise SchemaError(str(exc), exc.reason) from None
+
+
+@contextmanager
+def direct_reader(load: Callable[[Any], Any]) -> Iterator[Callable[[Any], Any]]:
+    """``open_reader`` of a source that reads any item by its ref directly: nothing to stage."""
+    yield load

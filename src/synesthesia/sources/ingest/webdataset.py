@@ -10,8 +10,17 @@ tars. The image field is the first of ``rgb.png``, ``rgb.jpg``, ``png``,
 (``train-000.tar``) belongs to that split; a folder holding a ``manifest.json``
 of ours names the classes its integer labels index.
 
-Samples are held in memory from the single listing pass. Tars are read by
-``synesthesia.shards.reader.iter_shard``: a truncated or corrupt tar (cut
+Tars are read in their order, one sample at a time, by ``_read_tar`` (the one
+place that opens a tar: ``synesthesia.shards.reader.iter_shard``). Ingest's
+first pass keeps no bytes: an item's ``ref`` is (tar, position in the tar).
+Its second pass needs the samples in a permuted order, which a tar (maybe
+gzipped, maybe a stream) cannot give cheaply; ``open_reader`` therefore walks
+the tars once more in order and spools the bytes of just the wanted samples
+(this part's share) into one file in ingest's staging folder, inside
+``--out``, indexed by ref, and reads them from there by offset; the file is
+removed when the reader closes. Memory stays one sample plus a small index
+entry per wanted sample; disk holds this part's share of the input once.
+Tars are read by ``iter_shard``: a truncated or corrupt tar (cut
 inside a header or member, at a member boundary without its end-of-archive
 marker, or not a regular file) loses the rest of that tar, the sample being
 read included: one warning, counted as ``corrupt_tar`` in ``tar_errors``
@@ -23,8 +32,10 @@ a tar is a duplicate key (the writer keeps the first sample of a key).
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +100,36 @@ class WebDatasetSource:
             return configured if configured in sample else None
         return next((name for name in candidates if name in sample), None)
 
+    def _fields(self, sample: dict[str, Any]) -> tuple[bytes, dict[str, tuple[bytes, str]]]:
+        """The image bytes and paired signals of a raw sample whose image field is known to be there."""
+        image_name = self._pick(sample, self.image_field, WDS_IMAGE_FIELDS)
+        signals = {}
+        for modality, names in WDS_SIGNAL_FIELDS.items():
+            for name in names:
+                if name in sample:
+                    signals[modality] = (bytes(sample[name]), "." + name.rsplit(".", 1)[1])
+                    break
+        return bytes(sample[image_name]), signals
+
+    def stamp(self) -> str:
+        """The tars' names, sizes and modification times (a changed input changes them)."""
+        stamps = []
+        for url in self.urls:
+            try:
+                st = os.stat(url)
+                stamps.append(f"{url} {st.st_size} {st.st_mtime_ns}")
+            except OSError:
+                stamps.append(f"{url} -")
+        return "\n".join(stamps)
+
     def items(self, warn: bool = True) -> Iterator[Item]:
-        from synesthesia.shards.reader import OversizedMemberError, iter_shard
+        from synesthesia.shards.reader import OversizedMemberError
 
         self.tar_errors: Counter[str] = Counter()
-        for url in self.urls:
+        for tar_index, url in enumerate(self.urls):
             split = split_word(Path(url).name) or "train"
             problems: list[BaseException] = []
-            for sample in iter_shard(url, problems.append, max_member_bytes=MAX_FILE_BYTES):
+            for position, sample in enumerate(_read_tar(url, problems.append)):
                 raw_key = sample["__key__"]
                 origin = f"{Path(url).name}:{raw_key}"
                 image_name = self._pick(sample, self.image_field, WDS_IMAGE_FIELDS)
@@ -113,19 +146,13 @@ class WebDatasetSource:
                     err = SchemaError(f"{origin}: no usable label field", "no_label")
                     yield Item(key="", split=split, label=None, origin=origin, error=err)
                     continue
-                signals = {}
-                for modality, names in WDS_SIGNAL_FIELDS.items():
-                    for name in names:
-                        if name in sample:
-                            signals[modality] = (bytes(sample[name]), "." + name.rsplit(".", 1)[1])
-                            break
-                data = (bytes(sample[image_name]), signals)
                 yield Item(
                     key=sanitise_key(raw_key),
                     split=split,
                     label=label,
                     origin=origin,
-                    load=lambda data=data: data,
+                    load=lambda sample=sample: self._fields(sample),
+                    ref=(tar_index, position),
                 )
             for problem in problems:
                 if isinstance(problem, OversizedMemberError):
@@ -137,3 +164,55 @@ class WebDatasetSource:
                     self.tar_errors["corrupt_tar"] += 1
                     if warn:
                         logger.warning("skipped the rest of %s: truncated or corrupt tar (%s)", url, problem)
+
+    @contextmanager
+    def open_reader(self, refs: list[Any], staging: Path) -> Iterator[Callable[[Any], Any]]:
+        """A ``load(ref)`` for the wanted ``refs``, from a spool file in ``staging`` (see the module doc)."""
+        wanted: dict[int, set[int]] = {}
+        for tar_index, position in refs:
+            wanted.setdefault(tar_index, set()).add(position)
+        spool = staging / f".spool-{os.getpid()}.tmp"
+        index: dict[tuple[int, int], tuple[int, int, list[tuple[str, str, int]]]] = {}
+        try:
+            with open(spool, "wb") as out:
+                offset = 0
+                for tar_index, url in enumerate(self.urls):
+                    positions = wanted.pop(tar_index, None)
+                    if not positions:
+                        continue  # nothing of this part in this tar: not read
+                    for position, sample in enumerate(_read_tar(url, lambda exc: None)):
+                        if position not in positions:
+                            continue
+                        image, signals = self._fields(sample)
+                        out.write(image)
+                        parts = []
+                        for modality, (data, suffix) in signals.items():
+                            out.write(data)
+                            parts.append((modality, suffix, len(data)))
+                        index[(tar_index, position)] = (offset, len(image), parts)
+                        offset += len(image) + sum(n for _, _, n in parts)
+            with open(spool, "rb") as fh:
+
+                def load(ref: Any) -> tuple[bytes, dict[str, tuple[bytes, str]]]:
+                    if ref not in index:  # the tar changed between the passes
+                        raise SchemaError(
+                            f"sample {ref} is gone from its tar on a second read", "corrupt_tar"
+                        )
+                    start, size, parts = index[ref]
+                    image = os.pread(fh.fileno(), size, start)
+                    signals, at = {}, start + size
+                    for modality, suffix, n in parts:
+                        signals[modality] = (os.pread(fh.fileno(), n, at), suffix)
+                        at += n
+                    return image, signals
+
+                yield load
+        finally:
+            spool.unlink(missing_ok=True)
+
+
+def _read_tar(url: str, handler: Callable[[BaseException], Any]) -> Iterator[dict[str, Any]]:
+    """The raw samples of one tar of the source, in order (the one place a source tar is opened)."""
+    from synesthesia.shards.reader import iter_shard
+
+    return iter_shard(url, handler, max_member_bytes=MAX_FILE_BYTES)

@@ -1,63 +1,77 @@
-"""The ingest run (``ingest``): plan the splits, write the source shards and manifest.
+"""The ingest run (``ingest``): list the source, plan the splits, write the chunks, publish the set.
 
-The source is listed once (keys and labels, to plan the splits; folder and HF
-samples are then read lazily, webdataset samples are held from the listing),
-and the first sample of a key wins; bad items and duplicate keys are skipped
-with one warning line each and counted by reason in the manifest's
-``skipped``. Mistakes of configuration are UserErrors.
+Two passes over the source, so memory does not grow with its bytes:
 
-Splits present in the source are kept. A missing ``test`` (``val``) split is
-carved out of train by a seeded permutation (pipeline ``seed``) of
-``ingest.test_fraction`` (``ingest.val_fraction``) of its samples (``plan``).
+1. ``layout.list_source`` lists keys, labels, splits and small locators (no
+   image or signal bytes); bad items and repeated keys (the first of a key
+   wins) are skipped with one warning line each and counted by reason in the
+   manifest's ``skipped``. ``layout.plan`` keeps the splits present in the
+   source and carves a missing ``test`` (``val``) split out of train by a
+   seeded permutation (pipeline ``seed``) of ``ingest.test_fraction``
+   (``ingest.val_fraction``) of its samples; ``layout.Layout`` orders each
+   split by a seeded global permutation of its sorted keys, never in source
+   order — a class-folder source listed in path order would otherwise give
+   shards of one or two classes each, which training's shard shuffle and
+   bounded shuffle buffer cannot mix — and cuts it into chunks of
+   ``ingest.shard_size`` positions, one output shard each.
+2. This part's chunks (all of them for a whole run) are read back by locator
+   through ``source.open_reader``, checked (``checks.build_sample``) and
+   written one chunk at a time into a staging folder (``staging``). A sample
+   that fails its checks here is skipped and counted, and leaves its shard one
+   sample short, so a chunk never depends on another.
 
-Order: each split is written in a seeded global permutation of its sorted keys
-(``np.random.default_rng([seed, i])``, ``i`` the index of the split in
-train, val, test), never in source order — a class-folder source listed in
-path order would otherwise give shards of one or two classes each, which
-training's shard shuffle and bounded shuffle buffer cannot mix. The label mix
-of every shard is recorded in the manifest's ``extra.label_mix`` (see
-``synesthesia.shards.mixing``). The set is written to a temporary folder and
-moved onto ``<out>/<dataset>/source`` only when complete, manifest last; the
-same input and config always give byte-identical shards. The dataset card
+Parts: ``synesthesia ingest --part i/N`` (or a Slurm array / torchrun
+environment, ``synesthesia.parts``) writes chunks ``i, i+N, ...`` of the list
+every part computes alike; whichever part finds every chunk written publishes
+the set. A rerun keeps the chunks already written; a part rerun after the set
+was published (same config and source) finds it and does nothing. Every way
+to split the job gives byte-identical shards and manifest.
+
+The set is moved onto ``<out>/<dataset>/source`` only when complete, manifest
+last; the label mix of every shard is recorded in the manifest's
+``extra.label_mix`` (see ``synesthesia.shards.mixing``). The dataset card
 ``<out>/<dataset>/README.md`` is written after (``synesthesia.shards.card``).
+Mistakes of configuration are UserErrors.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import shutil
-import tempfile
-from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, config_hash, to_dict
+from synesthesia.parts import Part
 from synesthesia.processes import remove_stale_temps
 from synesthesia.progress import progress
 from synesthesia.shards.card import write_dataset_card
-from synesthesia.shards.mixing import label_mix_entry
-from synesthesia.shards.schema import IMAGE_FIELDS, SchemaError
-from synesthesia.shards.writer import Manifest, ShardInfo, SplitWriter
+from synesthesia.shards.schema import SchemaError
+from synesthesia.shards.writer import Manifest, ShardInfo
 from synesthesia.sources.ingest.checks import (
     MAX_AUDIO_RATE,
     MAX_LIDAR_AZIMUTH,
     MAX_LIDAR_BEAMS,
     MIN_AUDIO_RATE,
-    build_sample,
 )
 from synesthesia.sources.ingest.formats import open_source
 from synesthesia.sources.ingest.items import Item
+from synesthesia.sources.ingest.layout import SPLITS, Layout, list_source, plan
+from synesthesia.sources.ingest.staging import (
+    chunk_record,
+    finalize,
+    remove_stale_staging,
+    staging_folder,
+    write_chunk,
+)
 from synesthesia.utils import umask_mode
 
-logger = logging.getLogger(__name__)
+__all__ = ["SPLITS", "ingest", "plan"]
 
-SPLITS = ("train", "val", "test")  # output splits; the index seeds each one's write order
+logger = logging.getLogger(__name__)
 
 
 def _check_config(cfg: Any) -> None:
@@ -83,48 +97,24 @@ def _check_config(cfg: Any) -> None:
         raise UserError("ingest.lidar_fov_up must be above ingest.lidar_fov_down")
 
 
-def plan(items: list[Item], cfg: Any, seed: int) -> tuple[dict[str, str], list[str]]:
-    """(key → output split, class names) from the first pass over a source.
-
-    Present splits are kept; a missing test / val split takes a seeded share of
-    train (permutation of the sorted train keys). The first item of a key wins.
-    """
-    split_of: dict[str, str] = {}
-    labels = []
-    for item in items:
-        if item.error is None and item.key not in split_of:
-            split_of[item.key] = item.split
-            labels.append(item.label)
-    present = set(split_of.values())
-    train = sorted(k for k, s in split_of.items() if s == "train")
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_test = 0 if "test" in present else round(cfg.test_fraction * len(train))
-    n_val = 0 if "val" in present else round(cfg.val_fraction * len(train))
-    for rank, i in enumerate(order):
-        if rank < n_test:
-            split_of[train[i]] = "test"
-        elif rank < n_test + n_val:
-            split_of[train[i]] = "val"
-    if labels and all(isinstance(label, int) for label in labels):
-        class_names = [str(i) for i in range(max(labels) + 1)]
-    else:
-        class_names = sorted({str(label) for label in labels})
-    return split_of, class_names
-
-
-def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manifest]:
+def ingest(
+    cfg: PipelineConfig, out: str | Path = "shards", part: Part | None = None
+) -> tuple[Path, Manifest | None]:
     """Ingest ``cfg.ingest.source`` into ``<out>/<cfg.dataset>/source``; (set folder, manifest).
 
-    The set is built in a temporary folder beside the target and moved into
-    place when complete, replacing an older set as a whole.
+    With ``part`` (see ``synesthesia.parts``), only that part's chunks are
+    written; the manifest is None unless this part found the set complete and
+    published it. The set is built beside the target and moved into place when
+    complete, replacing an older set as a whole.
     """
+    part = part or Part()
     icfg = cfg.ingest
     _check_config(icfg)
     if not re.fullmatch(r"[A-Za-z0-9_\-.]+", cfg.dataset) or cfg.dataset.startswith("."):
         raise UserError(f"dataset name {cfg.dataset!r} must be letters, digits, '_', '-' or '.'")
     source = open_source(icfg)
-    items = list(source.items())  # the only pass over the source: it warns about corrupt tars
-    split_of, class_names = plan(items, icfg, cfg.seed)
+    listing = list_source(source, config_hash(cfg))
+    split_of, class_names = plan(listing, icfg, cfg.seed)
     if not split_of:
         raise UserError(f"no images found in {icfg.source}")
     # Names given by the source (HF ClassLabel, our manifest) fix the label space,
@@ -143,109 +133,93 @@ def ingest(cfg: PipelineConfig, out: str | Path = "shards") -> tuple[Path, Manif
             raise SchemaError(f"label {label!r} is not a known class", "no_label")
         return index_of[str(label)], str(label)
 
+    layout = Layout(split_of, cfg.seed, icfg.shard_size)
+    del split_of
     final = Path(out) / cfg.dataset / "source"
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final.parent)  # killed ingests' folders, once past the lease (none held open)
-    tmp = Path(tempfile.mkdtemp(prefix=".source-", suffix=".tmp", dir=final.parent))
-    umask_mode(tmp)  # published as a normal folder (mkdtemp makes it 0700)
-    try:
-        skipped: Counter[str] = Counter()
-        chosen: dict[str, Item] = {}  # key -> the first usable item of that key
-        for item in items:
-            try:
-                if item.error is not None:
-                    raise item.error
-                if item.key in chosen:
-                    raise SchemaError(f"duplicate key {item.key!r}", "duplicate_key")
-            except SchemaError as exc:
-                skipped[exc.reason] += 1
-                logger.warning("skipped %s: %s", item.origin, exc)
-                continue
-            chosen[item.key] = item
-        splits: dict[str, list[ShardInfo]] = {}
-        label_mix: dict[str, Any] = {}
-        modalities: set[str] = set()
-        image_fields: set[str] = set()
-        for index, split in enumerate(SPLITS):
-            keys = sorted(k for k, s in split_of.items() if s == split)
-            order = np.random.default_rng([cfg.seed, index]).permutation(len(keys))
-            writer = SplitWriter(tmp, split, icfg.shard_size)
-            labels: list[int] = []  # of the written samples, in order
-            for i in progress(order, desc=f"ingest {split}", unit="sample"):
-                item = chosen[keys[i]]
-                try:
-                    label, class_name = resolve(item.label)
-                    sample = build_sample(item, label, class_name, icfg)
-                    if not writer.add(sample):
-                        continue  # (keys are unique here: duplicates were skipped above)
-                except SchemaError as exc:
-                    skipped[exc.reason] += 1
-                    logger.warning("skipped %s: %s", item.origin, exc)
-                    continue
-                labels.append(label)
-                image_fields.update(f for f in IMAGE_FIELDS if f in sample)
-                modalities.update(
-                    m
-                    for m, f in (("depth", "depth.npy"), ("audio", "audio.flac"), ("lidar", "lidar.npy"))
-                    if f in sample
+    staging = staging_folder(final.parent, listing.fingerprint)
+    if not part.whole and not staging.exists() and (published := _published(final, cfg, layout)):
+        logger.info("%s: %s is already published by this job's parts; nothing to do", part, final)
+        return final, published
+    remove_stale_staging(final.parent, keep=staging)
+    staging.mkdir(exist_ok=True)
+    umask_mode(staging)
+    todo = [c for c in part.take(layout.chunks) if chunk_record(staging, c) is None]
+    if todo:
+        refs = [listing.records[key][3] for chunk in todo for key in layout.chunk_keys(chunk)]
+        with source.open_reader(refs, staging) as load:
+            del refs
+            for chunk in progress(todo, desc=f"ingest {part}" if not part.whole else "ingest", unit="shard"):
+                items = (
+                    Item(key, split, label, origin, load=partial(load, ref))
+                    for key in layout.chunk_keys(chunk)
+                    for split, label, origin, ref in [listing.records[key]]
                 )
-            infos = writer.close()
-            if infos:
-                splits[split] = infos
-                size = icfg.shard_size  # SplitWriter cuts a shard every shard_size samples
-                label_mix[split] = label_mix_entry(
-                    [labels[j : j + size] for j in range(0, len(labels), size)]
-                )
-        kept = sum(info.samples for infos in splits.values() for info in infos)
-        # Bad tar entries of a webdataset source (warned about by its error handler).
-        skipped.update({k: v for k, v in getattr(source, "tar_errors", {}).items() if v})
-        if kept == 0:
-            summary = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
-            raise UserError(f"no usable samples in {icfg.source} (skipped: {summary})")
+                write_chunk(staging, chunk, items, resolve, icfg)
+    records = [chunk_record(staging, c) for c in layout.chunks]
+    if any(r is None for r in records):
+        missing = sum(r is None for r in records)
+        logger.info(
+            "%s: wrote its shards; %d of %d shards still to come from other parts",
+            part,
+            missing,
+            len(records),
+        )
+        return final, None
+
+    def make_manifest(
+        splits: dict[str, list[ShardInfo]], skipped: dict[str, int], found: dict[str, Any]
+    ) -> Manifest:
         extra: dict[str, Any] = {
-            "modalities": sorted(modalities),
-            "image_fields": sorted(image_fields),
+            "modalities": found["modalities"],
+            "image_fields": found["image_fields"],
             "num_classes": len(class_names),
             "class_names": class_names,
             "audio_rate": icfg.audio_rate,
             "format": source.format,
             "source": str(icfg.source),
-            "label_mix": label_mix,
+            "label_mix": found["label_mix"],
         }
-        if "lidar" in modalities:
+        if "lidar" in found["modalities"]:
             extra["lidar"] = {
                 "beams": icfg.lidar_beams,
                 "azimuth": icfg.lidar_azimuth,
                 "fov_up": icfg.lidar_fov_up,
                 "fov_down": icfg.lidar_fov_down,
             }
-        manifest = Manifest(
+        return Manifest(
             kind="source",
             dataset=cfg.dataset,
             splits=splits,
-            skipped=dict(sorted(skipped.items())),
+            skipped=skipped,
             preprocessing={"images": "original bytes", "audio": f"mono 16-bit FLAC at {icfg.audio_rate} Hz"},
             config=to_dict(cfg),
             config_hash=config_hash(cfg),
             extra=extra,
         )
-        manifest.write(tmp)
-        _swap_into_place(tmp, final)
-        write_dataset_card(final.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    manifest = finalize(
+        staging, final, layout.chunks, records, listing.skipped, make_manifest, str(icfg.source)
+    )
+    write_dataset_card(final.parent)
     counts = ", ".join(f"{s} {manifest.count(s)}" for s in manifest.splits)
-    logger.info("ingested %s → %s: %s; skipped %d", icfg.source, final, counts, sum(skipped.values()))
+    skipped = sum(manifest.skipped.values())
+    logger.info("ingested %s → %s: %s; skipped %d", icfg.source, final, counts, skipped)
     return final, manifest
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Move the finished set ``tmp`` onto ``final``, replacing an older set whole."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _published(final: Path, cfg: PipelineConfig, layout: Layout) -> Manifest | None:
+    """The manifest at ``final`` if it looks like this job's output (same config and source, the
+    planned splits, no more samples than planned): a part rerun after the set was published."""
+    try:
+        manifest = Manifest.read(final)
+    except UserError:
+        return None
+    same = (
+        manifest.config_hash == config_hash(cfg)
+        and manifest.extra.get("source") == str(cfg.ingest.source)
+        and set(manifest.splits) == set(layout.keys)
+        and all(manifest.count(split) <= len(keys) for split, keys in layout.keys.items())
+    )
+    return manifest if same else None
