@@ -183,21 +183,6 @@ def test_scan_set_sees_shards_other_processes_wrote(buckets, tmp_path: Path):
 # ----------------------------------------------------------------------------- the whole path
 
 
-def _runner_takes_urls() -> bool:
-    """Whether stage one's runner keeps ``--out`` a URL (storage.as_path) rather than ``Path(out)``."""
-    from synesthesia.stage_one import runner
-
-    return hasattr(runner, "as_path")
-
-
-def _ingest_takes_urls() -> bool:
-    """Whether ingest's webdataset source lists its input through storage.expand_inputs."""
-    from synesthesia.sources.ingest import webdataset
-
-    return hasattr(webdataset, "expand_inputs")
-
-
-@pytest.mark.skipif(not _ingest_takes_urls(), reason="ingest does not read or write buckets yet")
 def test_ingest_from_a_bucket_into_a_bucket_equals_a_local_ingest(buckets, tmp_path: Path, capsys):
     """Webdataset tars in one bucket, ingested into another: the same shards as a local ingest."""
     import yaml
@@ -252,20 +237,23 @@ def _files(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "throughput.json"}
 
 
-@pytest.mark.skipif(not _runner_takes_urls(), reason="stage one's runner still turns --out into a local Path")
-def test_shard_into_a_bucket_killed_then_resumed_equals_a_local_run(buckets, tmp_path: Path, capsys):
-    """Source set in one bucket's dataset root; stage one writes the latents into it, is SIGKILLed
-    after its first shard, is rerun, and the set verifies and equals a local run byte for byte."""
+def test_ingest_then_shard_into_a_bucket_killed_then_resumed_equals_a_local_run(
+    buckets, tmp_path: Path, capsys
+):
+    """The acceptance run: webdataset tars in one bucket are ingested into another; stage one
+    writes the latents there, is SIGKILLed after its first shard and rerun; the set verifies and
+    equals, byte for byte, the same ingest and stage one written to a local folder."""
     import yaml
 
-    _, out = buckets
-    source_in(out, tmp_path / "local")
+    src, out = buckets
+    remote_raw, _ = source_in(f"{src}/raw", tmp_path / "raw")
     yaml_path = tmp_path / "p.yaml"
     generator = {"name": "toy-conv", "modality": "depth", "options": {"delay": 0.3}}
     yaml_path.write_text(
         yaml.safe_dump(
             {
                 "dataset": "toy",
+                "ingest": {"source": f"{remote_raw}/*.tar", "format": "webdataset", "shard_size": 5},
                 "shard": {
                     "generators": [generator],
                     "splits": ["train", "val"],
@@ -275,6 +263,10 @@ def test_shard_into_a_bucket_killed_then_resumed_equals_a_local_run(buckets, tmp
             }
         )
     )
+    for root in (out, str(tmp_path / "local")):  # the same config: only --out differs
+        code, _, err = _cli(capsys, "ingest", str(yaml_path), "--out", root)
+        assert code == 0, err
+    assert _files(f"{out}/toy/source") == _files(tmp_path / "local" / "toy" / "source")
     directory = as_path(f"{out}/toy/latents/{SET}")
     proc = subprocess.Popen(_shard_cmd(yaml_path, out), env=_env(), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240

@@ -10,6 +10,7 @@
   output; a non-zero exit is an ``OSError`` at the end of the stream); :func:`input_size`;
 - :func:`expand_inputs` - a brace pattern, glob or folder of input tars, local or remote, as a sorted
   list of URLs (webdataset's ``braceexpand``; a named file that is missing is a UserError);
+- :func:`input_stamp` - size and version of one input (a changed input changes it);
 - :func:`read_capped` - a whole small file (JSON, a card) under a byte cap, as
   :func:`synesthesia.utils.read_regular_file` does for local files;
 - :func:`atomic_path`, :func:`atomic_write_bytes`, :func:`atomic_write_text` - publish a file whole or
@@ -279,6 +280,24 @@ def forward_seekable(fh: BinaryIO) -> BinaryIO:
     return io.BufferedReader(head)
 
 
+def input_stamp(url: str) -> str:
+    """What changes when an input file changes: size and modification time (a local file), size
+    and ETag or modification time (an object), ``-`` for what cannot be looked at (``pipe:``,
+    ``http(s)://``, a vanished file)."""
+    if is_pipe(url) or (_URL.match(url) and _URL.match(url).group(1).lower() in READ_ONLY_SCHEMES):
+        return "-"
+    path = as_path(url, "input")
+    try:
+        if not is_remote(path):
+            st = os.stat(path)
+            return f"{st.st_size} {st.st_mtime_ns}"
+        info = path.fs.info(path.path)
+    except (OSError, ValueError):
+        return "-"
+    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+    return f"{info.get('size', '-')} {version}"
+
+
 def input_size(fh: BinaryIO) -> int | None:
     """The byte size of a stream from :func:`open_input`, or None when it is not known (a pipe)."""
     size = getattr(fh, "size", None)
@@ -307,7 +326,9 @@ def read_capped(path: str | os.PathLike, limit: int) -> bytes:
     if not isinstance(size, int) or size > limit:
         raise utils.UnsafeFile(f"{path.name}: {size} bytes, over the {limit}-byte cap", "file_too_large")
     with path.open("rb") as fh:
-        data = fh.read(limit + 1)
+        data = fh.read(size + 1)  # not ``limit + 1``: that would allocate the whole cap per read
+        if len(data) > size:
+            data += fh.read(limit + 1 - len(data))
     if len(data) > limit:
         raise utils.UnsafeFile(f"{path.name}: over the {limit}-byte cap", "file_too_large")
     return data

@@ -5,7 +5,8 @@
 picks by looking: a brace pattern or ``.tar`` path is webdataset; a
 ``.parquet`` file, a folder with parquet files (flat or one folder down) or a
 ``save_to_disk`` folder is hf; a folder of tars without subfolders is
-webdataset; any other folder is an image folder.
+webdataset; any other folder is an image folder. Any of these may be in a bucket
+(``s3://…``); ``pipe:COMMAND`` is a webdataset tar stream.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from synesthesia import UserError
 from synesthesia.sources.ingest.folder import FolderSource
 from synesthesia.sources.ingest.hf import HFSource
 from synesthesia.sources.ingest.webdataset import WebDatasetSource
+from synesthesia.storage import as_path
 
 FORMATS = ("auto", "folder", "webdataset", "hf")
 
 
 def detect_format(source: str) -> str:
     """``folder``, ``webdataset`` or ``hf`` for a source path or pattern."""
-    path = Path(source)
-    if "{" in source or source.endswith((".tar", ".tar.gz", ".tgz")):
+    if "{" in source or source.startswith("pipe:") or source.endswith((".tar", ".tar.gz", ".tgz")):
         return "webdataset"
+    path = as_path(source, "ingest.source")
     if source.endswith(".parquet"):
         return "hf"
     if not path.is_dir():

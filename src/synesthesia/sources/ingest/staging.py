@@ -19,11 +19,15 @@ another fingerprint (the input or config changed) is removed once untouched for
   the folder onto ``<out>/<dataset>/source`` (replacing an older set whole)
   and remove the staging folder (also when no sample was usable: a UserError). Two parts that finish at once may both
   finalise; they write the same bytes, and the second one's swap replaces the
-  first's.
+  first's. In a bucket (``--out s3://…``), where there are no folders to swap, the old
+  manifest is removed first, each chunk is copied onto its shard name (one server-side
+  copy per object), shards the new manifest does not list are deleted and the manifest
+  is written last: until it is there, the set reads as unfinished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,7 +47,8 @@ from synesthesia.shards.writer import Manifest, ShardInfo, write_shard
 from synesthesia.sources.ingest.checks import build_sample
 from synesthesia.sources.ingest.items import Item
 from synesthesia.sources.ingest.layout import Chunk
-from synesthesia.utils import atomic_write_text, umask_mode
+from synesthesia.storage import atomic_write_text, is_remote, refresh
+from synesthesia.utils import umask_mode
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +62,30 @@ def staging_folder(parent: Path, fingerprint: str) -> Path:
 def remove_stale_staging(parent: Path, keep: Path, lease_s: float = LEASE_S) -> None:
     """Remove other runs' staging folders (another input or config) untouched for ``lease_s``."""
     now = time.time()
+    refresh(parent)
     for folder in parent.glob(".ingest-*"):
         if folder == keep or not folder.is_dir() or folder.is_symlink():
             continue
         try:
-            newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
+            if is_remote(folder):
+                found = folder.fs.find(folder.path, detail=True).values()
+                times = [info["LastModified"].timestamp() for info in found if "LastModified" in info]
+                newest = max(times, default=now)
+            else:
+                newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
         except OSError:
             continue
         if now - newest > lease_s:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_folder(folder)
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete a folder and everything in it, local or in a bucket; what is gone already is fine."""
+    if is_remote(folder):
+        with contextlib.suppress(FileNotFoundError):
+            folder.fs.rm(folder.path, recursive=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def chunk_record(staging: Path, chunk: Chunk) -> dict[str, Any] | None:
@@ -149,12 +169,15 @@ def finalize(
         modalities.update(record["modalities"])
         links.append((f"{chunk.name}.tar", name))
     if not splits:  # the job is done, and gave nothing
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_folder(staging)
         summary = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
         raise UserError(f"no usable samples in {source_name} (skipped: {summary})")
     label_mix = {split: label_mix_entry(labels) for split, labels in shard_labels.items()}
     found = {"image_fields": sorted(image_fields), "modalities": sorted(modalities), "label_mix": label_mix}
     manifest = make_manifest(splits, dict(sorted(skipped.items())), found)
+    if is_remote(final):
+        publish_in_bucket(staging, final, links, manifest)
+        return manifest
     tmp = Path(tempfile.mkdtemp(prefix=".source-", suffix=".tmp", dir=final.parent))
     umask_mode(tmp)  # published as a normal folder (mkdtemp makes it 0700)
     try:
@@ -169,8 +192,24 @@ def finalize(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_folder(staging)
     return manifest
+
+
+def publish_in_bucket(staging: Path, final: Path, links: list[tuple[str, str]], manifest: Manifest) -> None:
+    """``finalize`` in a bucket: uncommit the old set, copy the chunks onto their names, delete
+    shards the new manifest does not list, commit with the manifest, drop the staging folder."""
+    (final / "manifest.json").unlink(missing_ok=True)
+    fs = final.fs
+    for chunk_tar, name in links:
+        fs.copy((staging / chunk_tar).path, (final / name).path)
+    names = {name for _, name in links}
+    refresh(final)
+    for path in list(final.glob("*.tar")):
+        if path.name not in names:
+            path.unlink(missing_ok=True)
+    manifest.write(final)
+    remove_folder(staging)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from synesthesia import UserError
 from synesthesia.shards.schema import SchemaError
 from synesthesia.shards.writer import Manifest
 from synesthesia.sources.ingest.items import MAX_FILE_BYTES, Item, _parse_label, sanitise_key, split_word
+from synesthesia.storage import as_path, expand_inputs, input_stamp, is_pipe, is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -72,24 +74,13 @@ class WebDatasetSource:
     format = "webdataset"
 
     def __init__(self, spec: str, image_field: str = "auto", label_field: str = "auto"):
-        from braceexpand import braceexpand
-
-        path = Path(spec)
-        if path.is_dir():
-            urls = sorted(str(p) for p in path.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
-            if not urls:
-                raise UserError(f"no .tar files in {spec}")
-        else:
-            urls = list(braceexpand(spec))
-            missing = [u for u in urls if not Path(u).is_file()]
-            if missing:
-                raise UserError(f"webdataset shard not found: {missing[0]}")
-        self.urls = urls
+        self.urls = expand_inputs(spec)  # local paths, fsspec URLs (s3://…), pipe: commands
         # A source set of ours names its classes in its manifest; labels are indices into them.
         self.class_names = None
-        if path.is_dir() and (path / "manifest.json").is_file():
+        folder = None if is_pipe(spec) or "{" in spec else _as_folder(spec)
+        if folder is not None and (folder / "manifest.json").is_file():
             try:
-                self.class_names = Manifest.read(path).extra.get("class_names")
+                self.class_names = Manifest.read(folder).extra.get("class_names")
             except UserError:
                 self.class_names = None
         self.image_field = image_field
@@ -113,25 +104,19 @@ class WebDatasetSource:
 
     def stamp(self) -> str:
         """The tars' names, sizes and modification times (a changed input changes them)."""
-        stamps = []
-        for url in self.urls:
-            try:
-                st = os.stat(url)
-                stamps.append(f"{url} {st.st_size} {st.st_mtime_ns}")
-            except OSError:
-                stamps.append(f"{url} -")
-        return "\n".join(stamps)
+        return "\n".join(f"{url} {input_stamp(url)}" for url in self.urls)
 
     def items(self, warn: bool = True) -> Iterator[Item]:
         from synesthesia.shards.reader import OversizedMemberError
 
         self.tar_errors: Counter[str] = Counter()
         for tar_index, url in enumerate(self.urls):
-            split = split_word(Path(url).name) or "train"
+            name = url.rstrip("/").rsplit("/", 1)[-1]  # a path's, a URL's or a pipe command's last word
+            split = split_word(name) or "train"
             problems: list[BaseException] = []
             for position, sample in enumerate(_read_tar(url, problems.append)):
                 raw_key = sample["__key__"]
-                origin = f"{Path(url).name}:{raw_key}"
+                origin = f"{name}:{raw_key}"
                 image_name = self._pick(sample, self.image_field, WDS_IMAGE_FIELDS)
                 label_name = self._pick(sample, self.label_field, WDS_LABEL_FIELDS)
                 if image_name is None:
@@ -171,7 +156,12 @@ class WebDatasetSource:
         wanted: dict[int, set[int]] = {}
         for tar_index, position in refs:
             wanted.setdefault(tar_index, set()).add(position)
-        spool = staging / f".spool-{os.getpid()}.tmp"
+        if is_remote(staging):  # a bucket cannot be read by offset: spool on this machine's disk
+            fd, name = tempfile.mkstemp(prefix=".synesthesia-spool-", suffix=".tmp")
+            os.close(fd)
+            spool = Path(name)
+        else:
+            spool = staging / f".spool-{os.getpid()}.tmp"
         index: dict[tuple[int, int], tuple[int, int, list[tuple[str, str, int]]]] = {}
         try:
             with open(spool, "wb") as out:
@@ -209,6 +199,15 @@ class WebDatasetSource:
                 yield load
         finally:
             spool.unlink(missing_ok=True)
+
+
+def _as_folder(spec: str):
+    """``spec`` as a folder path when it names one (local or in a bucket), else ``None``."""
+    try:
+        path = as_path(spec, "ingest.source")
+    except UserError:
+        return None  # http(s):// and the like: one input tar, not a folder
+    return path if path.is_dir() else None
 
 
 def _read_tar(url: str, handler: Callable[[BaseException], Any]) -> Iterator[dict[str, Any]]:

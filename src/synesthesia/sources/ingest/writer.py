@@ -46,7 +46,6 @@ from typing import Any
 from synesthesia import UserError
 from synesthesia.config import PipelineConfig, config_hash, to_dict
 from synesthesia.parts import Part
-from synesthesia.processes import remove_stale_temps
 from synesthesia.progress import progress
 from synesthesia.shards.card import write_dataset_card
 from synesthesia.shards.schema import SchemaError
@@ -67,6 +66,7 @@ from synesthesia.sources.ingest.staging import (
     staging_folder,
     write_chunk,
 )
+from synesthesia.storage import as_path, is_remote, remove_stale_temps
 from synesthesia.utils import umask_mode
 
 __all__ = ["SPLITS", "ingest", "plan"]
@@ -135,7 +135,7 @@ def ingest(
 
     layout = Layout(split_of, cfg.seed, icfg.shard_size)
     del split_of
-    final = Path(out) / cfg.dataset / "source"
+    final = as_path(out, "--out") / cfg.dataset / "source"
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final.parent)  # killed ingests' folders, once past the lease (none held open)
     staging = staging_folder(final.parent, listing.fingerprint)
@@ -144,7 +144,8 @@ def ingest(
         return final, published
     remove_stale_staging(final.parent, keep=staging)
     staging.mkdir(exist_ok=True)
-    umask_mode(staging)
+    if not is_remote(staging):
+        umask_mode(staging)
     todo = [c for c in part.take(layout.chunks) if chunk_record(staging, c) is None]
     if todo:
         refs = [listing.records[key][3] for chunk in todo for key in layout.chunk_keys(chunk)]
