@@ -397,3 +397,30 @@ def test_render_into_a_bucket_as_two_parts_equals_a_local_render(buckets, tmp_pa
         assert (remote / name).read_bytes() == (local / "scenes" / "source" / name).read_bytes(), name
     code, out, err = _cli(capsys, "inspect", f"{buckets[1]}/scenes/source", "--verify")
     assert code == 0, err
+
+
+def _read_in_child(path, queue) -> None:
+    from synesthesia.storage import open_input
+
+    try:
+        with open_input(path) as fh:
+            queue.put(fh.read())
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        queue.put(repr(exc))
+
+
+def test_a_bucket_path_made_before_a_fork_reads_in_the_child(buckets):
+    """A DataLoader worker (forked) reads shards through paths its parent built and used: s3fs
+    refuses a file system object from another process, so the child must get its own."""
+    import multiprocessing
+
+    path = as_path(buckets[1]) / "x.bin"
+    path.write_bytes(b"made by the parent")
+    assert path.read_bytes() == b"made by the parent"  # the parent's file system object exists now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(path, queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert got == b"made by the parent"

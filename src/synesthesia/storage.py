@@ -80,7 +80,7 @@ def as_path(value: str | os.PathLike, what: str = "path") -> AnyPath:
     if isinstance(value, UPath) and not isinstance(value, Path):
         if value.protocol in ("file", "local"):
             return Path(value.path)
-        return value
+        return _in_this_process(value)
     if isinstance(value, Path):
         text = str(value)
     else:
@@ -109,6 +109,16 @@ def as_path(value: str | os.PathLike, what: str = "path") -> AnyPath:
         raise UserError(f"{what} {_shown(text)}: {scheme}:// is read-only here; use it as one input tar only")
     _filesystem_class(scheme, text, what)
     return UPath(text)
+
+
+def _in_this_process(path: UPath) -> UPath:
+    """``path`` with a file system object of this process: a path made before a ``fork`` (a
+    DataLoader worker's dataset) holds the parent's, which async stores such as s3fs refuse to use
+    in the child; fsspec clears its instance cache on fork, so the same URL gives a fresh one."""
+    fs = path.fs
+    if getattr(fs, "_pid", None) in (None, os.getpid()):
+        return path
+    return UPath(str(path), **path.storage_options)
 
 
 def _filesystem_class(scheme: str, text: str, what: str):
