@@ -172,7 +172,7 @@ def test_render_and_ingest_show_progress(tmp_path, log_mode, capsys):
     source = out / "scenes" / "source"
     assert main(["ingest", str(pipeline), f"source={source}", "dataset=again", "--out", str(out)]) == 0
     lines = _progress_lines(log_mode)
-    assert any(re.match(r"ingest train: \d+/\d+ sample", line) for line in lines), lines
+    assert any(re.match(r"ingest: \d+/\d+ sample", line) for line in lines), lines
     captured = capsys.readouterr()
     assert "\r" not in captured.err
 

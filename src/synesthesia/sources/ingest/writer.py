@@ -151,13 +151,16 @@ def ingest(
         refs = [listing.records[key][3] for chunk in todo for key in layout.chunk_keys(chunk)]
         with source.open_reader(refs, staging) as load:
             del refs
-            for chunk in progress(todo, desc=f"ingest {part}" if not part.whole else "ingest", unit="shard"):
+            total = sum(chunk.stop - chunk.start for chunk in todo)
+            bar = progress(total=total, desc=f"ingest {part}" if not part.whole else "ingest", unit="sample")
+            for chunk in todo:
                 items = (
                     Item(key, split, label, origin, load=partial(load, ref))
                     for key in layout.chunk_keys(chunk)
                     for split, label, origin, ref in [listing.records[key]]
                 )
-                write_chunk(staging, chunk, items, resolve, icfg)
+                write_chunk(staging, chunk, _counted(items, bar), resolve, icfg)
+            bar.close()
     records = [chunk_record(staging, c) for c in layout.chunks]
     if any(r is None for r in records):
         missing = sum(r is None for r in records)
@@ -208,6 +211,13 @@ def ingest(
     skipped = sum(manifest.skipped.values())
     logger.info("ingested %s → %s: %s; skipped %d", icfg.source, final, counts, skipped)
     return final, manifest
+
+
+def _counted(items, bar):
+    """``items``, advancing the progress ``bar`` by one as each is taken."""
+    for item in items:
+        yield item
+        bar.update(1)
 
 
 def _published(final: Path, cfg: PipelineConfig, layout: Layout) -> Manifest | None:
