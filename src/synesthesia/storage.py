@@ -364,7 +364,9 @@ def expand_inputs(spec: str) -> list[str]:
                 raise UserError(f"no input tar matches {_shown(item)}")
             urls.extend(found)
         elif path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES) and p.is_file())
+            # every tar-named entry but a folder: a FIFO or device named .tar is refused (and counted)
+            # when it is opened, rather than silently left out here
+            found = sorted(str(p) for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES) and not p.is_dir())
             if not found:
                 raise UserError(f"no .tar files in {_shown(item)}")
             urls.extend(found)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ from synesthesia.stage_one.paths import CACHE_KEY, decoded_dir, latent_dir, set_
 from synesthesia.storage import atomic_write_text, refresh
 
 logger = logging.getLogger(__name__)
+
+FINALIZE = "finalize"  # the lease of the one job merging the reports and writing the manifests
+WAIT_FOR_REPORTS_S = 120.0  # a part writes its report within moments of publishing its last shard
 
 _PART_REPORT = re.compile(r"^\.throughput-part-(\d{1,5})-of-(\d{1,5})\.json$")
 BYTES_SETTINGS = ("batch_size", "latent_dtype")  # of material["stage_one"]; the rest is the runtime's
@@ -228,8 +233,32 @@ def finish_set(
 ) -> tuple[dict[str, Any], bool]:
     """Merge the part reports into ``throughput.json`` and write the manifests (every shard exists).
 
-    Returns the merged report and whether every set of the plan got its manifest.
+    One job at a time: the finisher holds the set's ``finalize`` lease (others wait for it), and
+    first waits for the jobs that still hold shard leases - they published their last shard but
+    have not written their report yet - so that no merge misses a report and no late finisher
+    overwrites a complete ``throughput.json`` with a partial one. Returns the merged report and
+    whether every set of the plan got its manifest.
     """
+    with LeaseKeeper("finalize", cfg.shard.lease_timeout_s) as lock:
+        _wait(lambda: lock.claim(plan.latent_dir, FINALIZE), cfg.shard.lease_timeout_s * 1.5)
+        if not _wait(lambda: not lock.live(plan.latent_dir), WAIT_FOR_REPORTS_S):
+            logger.warning("%s: other jobs still hold leases; merging the reports written so far", plan.name)
+        return _finish_set(cfg, gcfg, source, splits, plan)
+
+
+def _wait(ready: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``ready`` until it holds (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _finish_set(
+    cfg: PipelineConfig, gcfg: GeneratorConfig, source: Manifest, splits: list[str], plan: SetPlan
+) -> tuple[dict[str, Any], bool]:
     found = read_part_reports(plan.latent_dir)
     reports = [report for _, report in found]
     skipped = sum(int(r.get("skipped", 0)) for r in reports)
@@ -273,7 +302,7 @@ def finish_set(
     # merged into throughput.json: a later finish finds none and keeps that file. A part still holding
     # leases has published its last shard but not yet written its report: it finishes again after
     # writing it, so the reports stay for that merge (which then removes them).
-    if complete and not leases.live(plan.latent_dir):
+    if complete and not [name for name in leases.live(plan.latent_dir) if name != FINALIZE]:
         for path, _ in found:
             path.unlink(missing_ok=True)
     return merged, complete
