@@ -336,12 +336,7 @@ def read_capped(path: str | os.PathLike, limit: int) -> bytes:
     if not isinstance(size, int) or size > limit:
         raise utils.UnsafeFile(f"{path.name}: {size} bytes, over the {limit}-byte cap", "file_too_large")
     with path.open("rb") as fh:
-        data = fh.read(size + 1)  # not ``limit + 1``: that would allocate the whole cap per read
-        if len(data) > size:
-            data += fh.read(limit + 1 - len(data))
-    if len(data) > limit:
-        raise utils.UnsafeFile(f"{path.name}: over the {limit}-byte cap", "file_too_large")
-    return data
+        return utils.read_capped_stream(fh, size, limit, path.name)
 
 
 def expand_inputs(spec: str) -> list[str]:

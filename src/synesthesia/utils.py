@@ -82,12 +82,17 @@ def read_regular_file(path: str | Path, limit: int) -> bytes:
         size = os.fstat(fh.fileno()).st_size
         if size > limit:
             raise UnsafeFile(f"{name}: {size} bytes, over the {limit}-byte cap", "file_too_large")
-        # read what fstat promised plus one byte (a file that grew shows it), not ``limit``: a buffer
-        # of the whole cap would be allocated for every small JSON read
-        data = fh.read(size + 1)
-        if len(data) > size:
-            data += fh.read(limit + 1 - len(data))
-    if len(data) > limit:  # grew while being read
+        return read_capped_stream(fh, size, limit, name)
+
+
+def read_capped_stream(fh: BinaryIO, size: int, limit: int, name: str) -> bytes:
+    """Read an open file said to hold ``size`` (≤ ``limit``) bytes; :class:`UnsafeFile` if it holds
+    more than ``limit`` (it grew while being read). Reads ``size + 1`` bytes first, not ``limit``: a
+    buffer of the whole cap would be allocated for every small JSON read."""
+    data = fh.read(size + 1)
+    if len(data) > size:
+        data += fh.read(limit + 1 - len(data))
+    if len(data) > limit:
         raise UnsafeFile(f"{name}: over the {limit}-byte cap", "file_too_large")
     return data
 
