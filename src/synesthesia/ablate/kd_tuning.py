@@ -52,31 +52,34 @@ def tune_kd(ablation: Ablation, source, done, costs, teachers, tick):
             "runs": 0,
             "seconds": 0.0,
         }
-    rows = []
-    for g in ablation.grid:
+    pending = [g for g in ablation.grid if ablation.tune_cell_name(source, g) not in done]
+    jobs = [ablation.student_job("kd", source, seed, g) for g in pending]
+    grid_of = {job.name: g for job, g in zip(jobs, pending, strict=True)}
+    fresh = {job.name for job in jobs if _finished(ablation.runs / ablation.cfg.name / job.name) is None}
+
+    def tuned(job, result) -> None:
+        g = grid_of[job.name]
+        row = ablation._row(job, result, curves=False)
+        row.update(costs[source])
+        row.update(teachers[source])
         name = ablation.tune_cell_name(source, g)
-        if name not in done:
-            job = ablation.student_job("kd", source, seed, g)
-            fresh = _finished(ablation.runs / ablation.cfg.name / job.name) is None
-            result = ablation.run_job(job)
-            row = ablation._row(job, result, curves=False)
-            row.update(costs[source])
-            row.update(teachers[source])
-            full = {
-                "cell": name,
-                "method": "kd",
-                "source": source,
-                "seed": seed,
-                "role": "tune",
-                "kd_alpha": g.alpha,
-                "kd_temperature": g.temperature,
-                "grid_cell": g.name,
-                **row,
-            }
-            done[name] = append_row(ablation.out, full)
-            if fresh:
-                tick(job.name)
-        rows.append({**done[name], "cell": g.name})
+        full = {
+            "cell": name,
+            "method": "kd",
+            "source": source,
+            "seed": seed,
+            "role": "tune",
+            "kd_alpha": g.alpha,
+            "kd_temperature": g.temperature,
+            "grid_cell": g.name,
+            **row,
+        }
+        done[name] = append_row(ablation.out, full)
+        if job.name in fresh:
+            tick(job.name)
+
+    ablation.run_jobs(jobs, tuned)
+    rows = [{**done[ablation.tune_cell_name(source, g)], "cell": g.name} for g in ablation.grid]
     selection = select_best(ablation.grid, rows, metric="val_acc")
     best = selection.best
     logger.info(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from synesthesia.ablate.grid import Cell, read_results
 from synesthesia.ablate.kd_tuning import tune_seed
-from synesthesia.ablate.runs import _finished
+from synesthesia.ablate.runs import TIMING, _finished
 from synesthesia.ablate.stage_one_sets import sidecar_dirs
 from synesthesia.config import replace
 
@@ -56,7 +56,7 @@ def device_name(kind: str) -> str:
 def measured_speed(runs: Path, kind: str) -> dict[str, tuple[float, int]]:
     """stage (teacher, student) → (median training samples/s, runs measured) of the newest
     :data:`MEASURED_RUNS` finished runs under ``runs`` (``<pipeline>/<run>/metrics.json``) that
-    trained on ``kind`` (cuda or cpu) in one process."""
+    trained on ``kind`` (cuda or cpu) in one process, alone (not beside others: ``--jobs``)."""
     from synesthesia.shards.schema import read_json_file
 
     found: dict[str, list[float]] = {}
@@ -71,11 +71,25 @@ def measured_speed(runs: Path, kind: str) -> dict[str, tuple[float, int]]:
         speed, stage = metrics.get("train_samples_per_s"), metrics.get("stage")
         if metrics["timing"].get("device") != kind or metrics.get("processes", 1) != 1:
             continue
+        if _shared_with_others(path.parent):
+            continue
         if not (isinstance(speed, int | float) and speed > 0 and stage in ("teacher", "student")):
             continue
         if len(found.setdefault(stage, [])) < MEASURED_RUNS:
             found[stage].append(float(speed))
     return {stage: (sorted(v)[len(v) // 2], len(v)) for stage, v in found.items()}
+
+
+def _shared_with_others(run: Path) -> bool:
+    """Whether the ablation trained ``run`` beside other runs (``--jobs``: its speed is not one run's)."""
+    from synesthesia.shards.schema import read_json_file
+
+    try:
+        timing = read_json_file(run / TIMING, TIMING) if (run / TIMING).is_file() else {}
+        jobs = timing.get("jobs", 1) if isinstance(timing, dict) else 1
+    except Exception:  # noqa: BLE001 - unreadable is unknown: count the run
+        return False
+    return isinstance(jobs, int) and jobs > 1
 
 
 def measured_stage_one(dirs: list[Path]) -> float | None:
@@ -174,6 +188,11 @@ def plan(ablation: Ablation) -> Plan:
         f"estimate {estimate / 60:.0f} min on {device_name(kind)} (~{student_s:.0f} s per student run)",
     ]
     lines.insert(2, "  " + _basis(speed, stage_one_s, ablation.runs))
+    if ablation.pool is not None:
+        lines.append(
+            f"  --jobs: {ablation.pool.describe()}; the estimate is for one at a time (runs that share "
+            "a CPU each go slower: 2 on 2 cores gave 1.75x in total on the scenes students)"
+        )
     return Plan(
         ablation.cells, ablation.sources, tune_runs, sets, todo_students + len(teachers_todo), estimate, lines
     )

@@ -49,6 +49,7 @@ import json
 import logging
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from synesthesia import UserError
 from synesthesia.ablate import planning
 from synesthesia.ablate.grid import SOURCES, Cell, append_row, expand, read_results, teacher_sources
 from synesthesia.ablate.kd_tuning import kd_grid, tune_kd, tune_seed
+from synesthesia.ablate.parallel import Task, TrainPool
 from synesthesia.ablate.planning import Plan
 from synesthesia.ablate.runs import (
     TIMING,
@@ -120,8 +122,11 @@ class Ablation:
         shards: str | Path = "shards",
         runs: str | Path = "runs",
         out: str | Path | None = None,
+        jobs: int = 1,
     ):
         self.cells = _check(cfg)
+        # --jobs N: the runs of a step train side by side, each as a `synesthesia train` process
+        self.pool = TrainPool(jobs) if jobs > 1 else None
         self.shards, self.runs = Path(shards), Path(runs)
         self.out = Path(out) if out is not None else Path("results") / cfg.name
         self.cfg = replace(cfg, [f"train.shards={self.shards}"])
@@ -243,6 +248,43 @@ class Ablation:
             "stage1_command": (ledger.get("commands") or {}).get(source, ""),
         }
 
+    def run_jobs(self, jobs: list[Job], on_done: Callable[[Job, dict[str, Any]], None]) -> None:
+        """Train (or reuse) every job; ``on_done(job, result)`` is called in this process as each
+        finishes (:meth:`run_job`'s result). One at a time, or with ``--jobs`` up to that many at
+        once, each as the ``synesthesia train`` process its command names."""
+        if self.pool is None:
+            for job in jobs:
+                on_done(job, self.run_job(job))
+            return
+        todo = []
+        for job in jobs:
+            if _finished(self.runs / self.cfg.name / job.name) is None:
+                todo.append(job)
+            else:
+                on_done(job, self.run_job(job))
+        by_name = {job.name: job for job in todo}
+
+        def finished(task: Task, seconds: float) -> None:
+            job = by_name[task.name]
+            run = self.runs / self.cfg.name / job.name
+            if _finished(run) is None:
+                raise UserError(f"training {job.name} exited 0 but left no finished run in {run}")
+            atomic_write_text(run / TIMING, json.dumps({"seconds": seconds, "jobs": self.pool.jobs}) + "\n")
+            on_done(job, self.run_job(job))
+
+        self.pool.run([self._task(job) for job in todo], finished)
+
+    def _task(self, job: Job) -> Task:
+        """The process that trains ``job``: the command of its row (resuming a killed run)."""
+        import sys
+
+        run = self.runs / self.cfg.name / job.name
+        words = [*self.user_overrides, *job.overrides, "--out", str(self.runs)]
+        if (run / "checkpoints" / "latest").is_file():
+            words += ["--resume", "latest"]
+        argv = [sys.executable, "-m", "synesthesia", "--progress", "log", "train", self.pipeline_path, *words]
+        return Task(job.name, argv, self.out / "logs" / f"{job.name}.log")
+
     def run_job(self, job: Job) -> dict[str, Any]:
         """Train ``job`` unless its run already finished; returns metrics plus seconds, run and config paths."""
         from synesthesia.train import loop
@@ -318,19 +360,21 @@ class Ablation:
             runs_done.update(1)
 
         teachers: dict[str, dict[str, Any]] = {}
-        for source in self.sources:
-            job = self.teacher_job(source)
-            fresh = _finished(self.teacher_run(source)) is None
-            result = self.run_job(job)
-            teachers[source] = {
+        teacher_jobs = {self.teacher_job(source).name: source for source in self.sources}
+        fresh = {name for name in teacher_jobs if _finished(self.runs / self.cfg.name / name) is None}
+
+        def teacher_done(job: Job, result: dict[str, Any]) -> None:
+            teachers[teacher_jobs[job.name]] = {
                 "teacher_acc": _acc(result["metrics"], "test"),
                 "teacher_val_acc": _acc(result["metrics"], "best"),
                 "teacher_seconds": result["seconds"],
                 "teacher_run": result["run"],
                 "teacher_command": job.command,
             }
-            if fresh:
+            if job.name in fresh:
                 tick(job.name)
+
+        self.run_jobs([self.teacher_job(source) for source in self.sources], teacher_done)
 
         selected: dict[str, Any] = {}
         tuning: dict[str, dict[str, Any]] = {}
@@ -341,13 +385,20 @@ class Ablation:
                 self.out / "kd_selection.json", json.dumps(tuning, indent=2, sort_keys=True) + "\n"
             )
 
+        cell_of: dict[str, Cell] = {}
+        jobs = []
         for cell in self.cells:
             if cell.name in done:
                 continue
             kd = selected.get(cell.source) if cell.method == "kd" else None
             job = self.student_job(cell.method, cell.source, cell.seed, kd)
-            fresh = _finished(self.runs / self.cfg.name / job.name) is None
-            result = self.run_job(job)
+            cell_of[job.name] = cell
+            jobs.append(job)
+        fresh = {job.name for job in jobs if _finished(self.runs / self.cfg.name / job.name) is None}
+
+        def cell_done(job: Job, result: dict[str, Any]) -> None:
+            cell = cell_of[job.name]
+            kd = selected.get(cell.source) if cell.method == "kd" else None
             row = self._row(job, result, curves=cell.method == "messy")
             row.update(costs[cell.source])
             row.update(teachers.get(cell.source, {"teacher_acc": None, "teacher_seconds": 0.0}))
@@ -361,8 +412,10 @@ class Ablation:
                 )
             row["role"] = "cell"
             done[cell.name] = append_row(self.out, {"cell": cell.name, **asdict(cell), **row})
-            if fresh:
+            if job.name in fresh:
                 tick(cell.name)
+
+        self.run_jobs(jobs, cell_done)
         runs_done.close()
         path = self.report()
         logger.info("ablation %s: %s (%.1f min)", self.cfg.name, path, (time.perf_counter() - start) / 60)

@@ -1,16 +1,18 @@
-"""`synesthesia ablate PIPELINE [key=value ...] [--out DIR] [--shards DIR] [--runs DIR] [--plan | --report]`.
+"""`synesthesia ablate PIPELINE [key=value ...] [--out DIR] [--shards DIR] [--runs DIR] [--jobs N] [--plan | --report]`.
 
 The grid of ``ablate.methods`` × privileged source (``ablate.sources``: none,
 decoded, latent, real) × ``ablate.seeds``, with shards and teachers shared
 across cells and KD tuned on val. Writes ``results.jsonl`` (one row per cell),
 ``summary.md`` and the PNG plots under ``--out`` (default
 ``results/<pipeline name>/``). Rerunning skips the cells already in
-results.jsonl. See :mod:`synesthesia.ablate.runner`.
+results.jsonl. ``--jobs N`` trains up to N runs of a step at once
+(:mod:`synesthesia.ablate.parallel`). See :mod:`synesthesia.ablate.runner`.
 """
 
 from __future__ import annotations
 
-from synesthesia.cli import add_pipeline_arguments
+from synesthesia.ablate.parallel import MAX_JOBS
+from synesthesia.cli import add_pipeline_arguments, int_in
 
 
 def add_arguments(parser):
@@ -18,6 +20,13 @@ def add_arguments(parser):
     parser.add_argument("--out", default=None, help="results folder (default: results/<pipeline name>/)")
     parser.add_argument("--shards", default="shards", help="shard root (default: shards)")
     parser.add_argument("--runs", default="runs", help="training runs root (default: runs)")
+    parser.add_argument(
+        "--jobs",
+        type=int_in(1, MAX_JOBS),
+        default=1,
+        help="training runs at once, each a `synesthesia train` process with one GPU of the visible "
+        "ones, or on a CPU its share of the cores (default 1: one run at a time, in this process)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--plan",
@@ -36,7 +45,9 @@ def run(args) -> int:
     from synesthesia.config import load_pipeline
 
     cfg = load_pipeline(args.pipeline, args.overrides, section="ablate")
-    ablation = Ablation(cfg, args.pipeline, args.overrides, shards=args.shards, runs=args.runs, out=args.out)
+    ablation = Ablation(
+        cfg, args.pipeline, args.overrides, shards=args.shards, runs=args.runs, out=args.out, jobs=args.jobs
+    )
     if args.report:
         print(ablation.report())
         return 0
