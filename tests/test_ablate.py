@@ -4,9 +4,17 @@ import math
 import pytest
 
 from synesthesia import UserError
-from synesthesia.ablate.grid import Cell, append_result, expand, pending, read_results, teacher_sources
+from synesthesia.ablate.grid import (
+    Cell,
+    append_result,
+    expand,
+    pending,
+    read_results,
+    source_kind,
+    teacher_sources,
+)
 from synesthesia.ablate.report import aggregate, summary_markdown, write_plots, write_summary
-from synesthesia.config import AblateConfig
+from synesthesia.config import AblateConfig, GeneratorConfig
 
 
 def test_grid_expansion_crosses_methods_sources_seeds():
@@ -25,6 +33,11 @@ def test_grid_expansion_crosses_methods_sources_seeds():
         (AblateConfig(sources=["latnet"]), "unknown privileged source"),
         (AblateConfig(seeds=[]), "empty"),
         (AblateConfig(seeds=[1, 1]), "duplicates"),
+        (AblateConfig(sources=["latent", "latent"]), "duplicates"),
+        (AblateConfig(sources=["latent@Weak"]), "unknown privileged source"),
+        (AblateConfig(sources=["none@x"]), "unknown privileged source"),
+        (AblateConfig(sources=["latent@"]), "unknown privileged source"),
+        (AblateConfig(sources=["latent@weak"]), "give its generators as ablate.generators.latent@weak"),
     ],
 )
 def test_grid_mistakes(cfg, message):
@@ -67,6 +80,35 @@ def fake_rows():
             }
         )
     return rows
+
+
+def test_labelled_sources_are_their_own_cells_and_teachers():
+    gen = [GeneratorConfig(name="latent-diffusion", modality="depth", set_name="weak-depth")]
+    cfg = AblateConfig(
+        methods=["ce", "messy"],
+        sources=["none", "latent", "latent@weak"],
+        seeds=[0, 1],
+        generators={"latent@weak": gen},
+    )
+    cells = expand(cfg)
+    assert [c.name for c in cells if c.source == "latent@weak"] == [
+        "messy-latent@weak-s0",
+        "messy-latent@weak-s1",
+    ]
+    assert teacher_sources(cells) == ["latent", "latent@weak"]
+    assert source_kind("latent@weak") == "latent" and source_kind("real") == "real"
+
+
+def test_aggregate_puts_a_labelled_source_after_its_kind():
+    rows = fake_rows()
+    extra = [
+        {**r, "source": s}
+        for r in rows
+        if r["method"] == "messy"
+        for s in ("real", "latent@weak", "latent@a")
+    ]
+    order = [(r["method"], r["source"]) for r in aggregate([*extra, *rows])]
+    assert [s for m, s in order if m == "messy"] == ["latent", "latent@a", "latent@weak", "real"]
 
 
 def test_aggregate_mean_std_and_gap_closed():

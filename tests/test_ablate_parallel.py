@@ -110,6 +110,7 @@ def test_tiny_grid_with_two_jobs_trains_every_run_as_its_command(tmp_path, shard
     assert measured_speed(runs, "cpu") == {}
     # a rerun has nothing left: every run is kept, no process starts
     monkeypatch.setattr(
-        "synesthesia.ablate.parallel.TrainPool._start", lambda *a: pytest.fail("a finished run was trained again")
+        "synesthesia.ablate.parallel.TrainPool._start",
+        lambda *a: pytest.fail("a finished run was trained again"),
     )
     Ablation(cfg, path, shards=shards, runs=runs, out=out, jobs=2).run()

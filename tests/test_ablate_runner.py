@@ -17,11 +17,11 @@ from synesthesia.cli import main
 from synesthesia.config import PipelineConfig, build, load_pipeline, to_dict, write_resolved
 
 PNG = b"\x89PNG\r\n\x1a\n"
+GEN = [{"name": "gen", "modality": "depth", "set_name": "gen-depth"}]
 
 
 def tiny_pipeline(tmp_path: Path, **ablate) -> tuple[PipelineConfig, str]:
     """A tiny pipeline over stage2_shards' dataset (latent and decoded sidecars ``gen-depth``), as a file."""
-    gen = [{"name": "gen", "modality": "depth", "set_name": "gen-depth"}]
     data = {
         "name": "tiny-ablation",
         "dataset": "tiny",
@@ -40,7 +40,7 @@ def tiny_pipeline(tmp_path: Path, **ablate) -> tuple[PipelineConfig, str]:
             "methods": ["kd", "messy"],
             "sources": ["latent", "decoded"],
             "seeds": [0, 1],
-            "generators": {"latent": gen, "decoded": gen},
+            "generators": {"latent": GEN, "decoded": GEN},
             "kd_alphas": [0.3, 0.7],
             "kd_temperatures": [2.0],
             **ablate,
@@ -209,6 +209,50 @@ def test_tuned_kd_is_selected_on_val_not_test(tmp_path, shards, monkeypatch):
     assert rows["ce-none-s0"]["teacher_acc"] is None and rows["ce-none-s0"]["stage1_s_per_sample"] == 0.0
     text = (out / "summary.md").read_text()
     assert "kd (α=0.7, T=4)" in text and "Tuning cost" in text
+
+
+def test_a_labelled_source_reads_its_own_generators_set_and_pairs_with_ce(tmp_path, shards, monkeypatch):
+    """A generator sweep in one grid: latent (the committed generator) and latent@alt, ce shared."""
+    import shutil
+
+    alt = [{"name": "gen", "modality": "depth", "set_name": "alt-depth", "options": {"steps": 1}}]
+    cfg, path = tiny_pipeline(
+        tmp_path,
+        methods=["ce", "messy"],
+        sources=["none", "latent", "latent@alt"],
+        generators={"latent": GEN, "latent@alt": alt},
+    )
+    staged = []
+
+    def run_stage_one(cfg, out, overwrite=False, progress=True):
+        staged.append([g.set_name for g in cfg.shard.generators])
+        latents = Path(out) / cfg.dataset / "latents"
+        if cfg.shard.generators[0].set_name == "alt-depth" and not (latents / "alt-depth").is_dir():
+            shutil.copytree(latents / "gen-depth", latents / "alt-depth")  # stands in for the other generator
+
+    monkeypatch.setattr("synesthesia.stage_one.run_stage_one", run_stage_one)
+    calls = []
+    monkeypatch.setattr("synesthesia.train.loop.train", fake_train(calls))
+    out = tmp_path / "results"
+    Ablation(cfg, path, shards=shards, runs=tmp_path / "runs", out=out).run()
+
+    assert staged == [["gen-depth"], ["alt-depth"]]
+    rows = read_results(out)
+    row = rows["messy-latent@alt-s1"]
+    words = shlex.split(row["command"])
+    assert "train.source=latent" in words and 'train.latent_sets={"depth": "alt-depth"}' in words
+    assert any(w.endswith("teacher-latent@alt-s0") for w in words if w.startswith("train.teacher="))
+    assert rows["messy-latent-s1"]["teacher_run"] != row["teacher_run"]
+    assert "| messy | latent@alt | 2 |" in (out / "summary.md").read_text()
+
+
+def test_two_sources_writing_one_set_with_different_generators_are_refused(tmp_path):
+    clash = [{"name": "gen", "modality": "depth", "set_name": "gen-depth", "options": {"steps": 1}}]
+    cfg, path = tiny_pipeline(
+        tmp_path, sources=["latent", "latent@alt"], generators={"latent": GEN, "latent@alt": clash}
+    )
+    with pytest.raises(UserError, match="both write the sidecar set gen-depth"):
+        Ablation(cfg, path)
 
 
 @pytest.mark.parametrize(

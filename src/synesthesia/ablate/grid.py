@@ -5,11 +5,18 @@ seed with source ``none``; every other method is crossed with every privileged
 source that is not ``none``. Teachers are trained once per source (with the
 pipeline seed) and shared by all the cells of that source: student seeds vary
 the student's initialisation and data order, not the teacher.
+
+A source is one of :data:`SOURCES`, or a *labelled* one, ``<kind>@<label>``
+(``latent@weak``): the same kind of privileged data from the generators given
+in ``ablate.generators["latent@weak"]``. Labelled sources put several
+generators in one grid (a generator-quality sweep), sharing the ``ce`` cells
+and paired with them by seed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,21 @@ from synesthesia.config import AblateConfig
 
 SOURCES = ("none", "decoded", "latent", "real")
 RESULTS = "results.jsonl"
+LABEL = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def source_kind(source: str) -> str:
+    """``latent`` for ``latent`` and ``latent@weak``: the kind of privileged data a source is.
+
+    An unknown kind, a label that is not a short lowercase word, or ``none@…`` is a one-line error.
+    """
+    kind, at, label = str(source).partition("@")
+    if kind not in SOURCES or (at and (kind == "none" or not LABEL.fullmatch(label))):
+        raise UserError(
+            f"unknown privileged source {source!r}; valid: {', '.join(SOURCES)}, or <kind>@<label> "
+            "with a lowercase label of letters, digits, _ and - (e.g. latent@weak)"
+        )
+    return kind
 
 
 @dataclass(frozen=True)
@@ -36,9 +58,14 @@ class Cell:
 
 def expand(cfg: AblateConfig) -> list[Cell]:
     """The cells of a grid, in a fixed order (methods, then sources, then seeds)."""
-    unknown = [s for s in cfg.sources if s not in SOURCES]
-    if unknown:
-        raise UserError(f"unknown privileged source {unknown[0]!r}; valid: {', '.join(SOURCES)}")
+    for source in cfg.sources:
+        source_kind(source)
+        if source != source_kind(source) and source not in cfg.generators:
+            raise UserError(
+                f"source {source!r} is labelled: give its generators as ablate.generators.{source}"
+            )
+    if len(set(cfg.sources)) != len(cfg.sources):
+        raise UserError(f"ablate.sources has duplicates: {cfg.sources}")
     if not cfg.seeds:
         raise UserError("ablate.seeds is empty")
     if len(set(cfg.seeds)) != len(cfg.seeds):

@@ -77,8 +77,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def grid_order(key: tuple[str, str]) -> tuple[int, int, str]:
         method, source = key
-        rank = SOURCE_ORDER.index(source) if source in SOURCE_ORDER else len(SOURCE_ORDER)
-        return method_rank[method], rank, source
+        kind, _, label = source.partition("@")  # a labelled source (latent@weak) follows its kind
+        rank = SOURCE_ORDER.index(kind) if kind in SOURCE_ORDER else len(SOURCE_ORDER)
+        return method_rank[method], rank, label
 
     groups = dict(sorted(groups.items(), key=lambda item: grid_order(item[0])))
     baseline = [r["test_acc"] for r in rows if r["method"] == "ce" and r["source"] == "none"]

@@ -56,7 +56,7 @@ from typing import Any
 
 from synesthesia import UserError
 from synesthesia.ablate import planning
-from synesthesia.ablate.grid import SOURCES, Cell, append_row, expand, read_results, teacher_sources
+from synesthesia.ablate.grid import Cell, append_row, expand, read_results, source_kind, teacher_sources
 from synesthesia.ablate.kd_tuning import kd_grid, tune_kd, tune_seed
 from synesthesia.ablate.parallel import Task, TrainPool
 from synesthesia.ablate.planning import Plan
@@ -101,13 +101,27 @@ def _check(cfg: PipelineConfig) -> list[Cell]:
     if not cfg.train.modalities:
         raise UserError("train.modalities is empty: the ablation needs a privileged modality")
     for source in cfg.ablate.generators:
-        if source not in SOURCES or source == "none":
-            raise UserError(
-                f"ablate.generators.{source}: not a privileged source; valid: decoded, latent, real"
-            )
+        if source_kind(source) == "none":
+            raise UserError(f"ablate.generators.{source}: source none has no generators")
+    _check_distinct_sets(cfg)
     if "kd" in cfg.ablate.methods:
         kd_grid(cfg)
     return cells
+
+
+def _check_distinct_sets(cfg: PipelineConfig) -> None:
+    """Two sources whose different generators would write the same sidecar set are refused
+    (stage one would refuse the second config only after the first had run)."""
+    writers: dict[Path, tuple[str, list[str]]] = {}
+    for source in dict.fromkeys(s for s in cfg.ablate.sources if s != "none"):
+        over = stage_one_overrides(cfg, source)
+        for d in sidecar_dirs(cfg, Path(), source):
+            first = writers.setdefault(d, (source, over))
+            if first[1] != over:
+                raise UserError(
+                    f"sources {first[0]} and {source} would both write the sidecar set {d.name} with "
+                    "different generators: give one of them a set_name in ablate.generators"
+                )
 
 
 class Ablation:
@@ -199,7 +213,8 @@ class Ablation:
         ledger_path = self.out / STAGE_ONE_LEDGER
         ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
         # decoded last: its run regenerates the latents and rewrites the latent set's throughput.json
-        order = [s for s in ("latent", "real", "decoded") if s in self.sources]
+        kinds = ("latent", "real", "decoded")
+        order = sorted(self.sources, key=lambda s: kinds.index(source_kind(s)))
         for source in order:
             dirs = sidecar_dirs(self.cfg, self.shards, source)
             before = {str(d): _read_throughput(d) for d in dirs}
@@ -239,7 +254,9 @@ class Ablation:
             if timing is None:
                 s_per_sample = float("nan")
                 continue
-            wall = timing["wall_s"] - (timing.get("decode_s", 0.0) if source != "decoded" else 0.0)
+            wall = timing["wall_s"] - (
+                timing.get("decode_s", 0.0) if source_kind(source) != "decoded" else 0.0
+            )
             s_per_sample += wall / timing["samples"]
         return {
             "stage1_s_per_sample": s_per_sample,

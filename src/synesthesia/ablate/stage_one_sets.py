@@ -5,7 +5,8 @@
 ``train.modalities`` (encode mode); ``decoded`` runs the ``latent`` generators
 again with ``shard.decode: true``, which writes the decoded sidecar (the
 decode-encode loop). ``ablate.generators.<source>`` replaces a source's
-defaults. :func:`stage_one_overrides` are the ``synesthesia shard`` overrides
+defaults; a labelled source (``latent@weak``, see :func:`~synesthesia.ablate.grid.source_kind`)
+has only those. :func:`stage_one_overrides` are the ``synesthesia shard`` overrides
 that write a source's sets, :func:`data_overrides` the ``synesthesia train``
 overrides that read them (named explicitly, no search among sets) and
 :func:`sidecar_dirs` where they lie under the shards root.
@@ -17,16 +18,20 @@ import json
 from pathlib import Path
 
 from synesthesia import UserError
+from synesthesia.ablate.grid import source_kind
 from synesthesia.config import GeneratorConfig, PipelineConfig, to_dict
 
 
 def source_generators(cfg: PipelineConfig, source: str) -> tuple[list[GeneratorConfig], bool]:
     """The stage-one generators of a privileged source and whether stage one decodes (``decoded``)."""
-    if source == "none":
+    kind = source_kind(source)
+    if kind == "none":
         return [], False
     if source in cfg.ablate.generators:
         gens = list(cfg.ablate.generators[source])
-    elif source in ("latent", "decoded"):
+    elif kind != source:
+        gens = []
+    elif kind in ("latent", "decoded"):
         gens = list(cfg.shard.generators)
     else:  # real: the true paired signal, encoded by the pretrained TAEF2
         gens = [GeneratorConfig(name="tae", modality=m) for m in cfg.train.modalities]
@@ -41,7 +46,7 @@ def source_generators(cfg: PipelineConfig, source: str) -> tuple[list[GeneratorC
             f"source {source!r}: no generator for modality {missing[0]} of train.modalities "
             f"(set ablate.generators.{source})"
         )
-    return gens, source == "decoded"
+    return gens, kind == "decoded"
 
 
 def _set_name(g: GeneratorConfig) -> str:
@@ -58,7 +63,7 @@ def stage_one_overrides(cfg: PipelineConfig, source: str) -> list[str]:
 
 def data_overrides(cfg: PipelineConfig, source: str) -> list[str]:
     """``train.source`` and the sidecar sets it reads, named explicitly (no search among sets)."""
-    over = [f"train.source={source}"]
+    over = [f"train.source={source_kind(source)}"]
     if source != "none":
         gens, _ = source_generators(cfg, source)
         sets = {g.modality: _set_name(g) for g in gens if g.modality in cfg.train.modalities}
