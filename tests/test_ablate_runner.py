@@ -244,6 +244,9 @@ def test_a_labelled_source_reads_its_own_generators_set_and_pairs_with_ce(tmp_pa
     assert any(w.endswith("teacher-latent@alt-s0") for w in words if w.startswith("train.teacher="))
     assert rows["messy-latent-s1"]["teacher_run"] != row["teacher_run"]
     assert "| messy | latent@alt | 2 |" in (out / "summary.md").read_text()
+    # another results folder over the same runs (a sweep sharing the main grid's) trains nothing again
+    other = Ablation(cfg, path, shards=shards, runs=tmp_path / "runs", out=tmp_path / "other")
+    assert "to do: 6 of 6 cells, 0 teacher(s), 0 tuning run(s) — 0 training runs" in other.plan().lines[-1]
 
 
 def test_two_sources_writing_one_set_with_different_generators_are_refused(tmp_path):

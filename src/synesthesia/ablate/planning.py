@@ -164,12 +164,16 @@ def plan(ablation: Ablation) -> Plan:
         for source in ablation.sources:
             tune_todo += sum(1 for g in ablation.grid if ablation.tune_cell_name(source, g) not in done)
     todo_cells = [c for c in ablation.cells if c.name not in done]
-    # the KD cell at the tune seed is one of the tuning runs
-    todo_students = tune_todo + sum(
-        1
-        for c in todo_cells
-        if not (ablation.tuned and c.method == "kd" and c.seed == tune_seed(ablation.cfg))
-    )
+
+    def trains(c: Cell) -> bool:
+        if (
+            c.method == "kd"
+        ):  # its run's name holds the setting tuning selects; at the tune seed it is a tuning run
+            return not (ablation.tuned and c.seed == tune_seed(ablation.cfg))
+        # a run another results folder's grid finished (a sweep sharing the runs) is reused, not trained
+        return _finished(ablation.runs / ablation.cfg.name / c.name) is None
+
+    todo_students = tune_todo + sum(1 for c in todo_cells if trains(c))
     estimate += student_s * todo_students
     tune_runs = len(ablation.grid) * len(ablation.sources) if ablation.tuned else 0
     lines = [
