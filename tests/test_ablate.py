@@ -4,6 +4,7 @@ import math
 import pytest
 
 from synesthesia import UserError
+from synesthesia.ablate.findings import findings_lines
 from synesthesia.ablate.grid import (
     Cell,
     append_result,
@@ -182,3 +183,31 @@ def test_plots_are_written(tmp_path):
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps([str(p) for p in paths])
+
+
+def test_findings_tabulate_teacher_reliance_and_heads_r2_per_source():
+    robust = {"full": 0.5284, "removed/all": 0.3912, "removed/depth": 0.3912, "shuffled/depth": 0.2816}
+    rows = [
+        {"method": "ce", "source": "none", "seed": 0},
+        *[
+            {
+                "method": "messy",
+                "source": "latent",
+                "seed": s,
+                "teacher_robustness": robust,
+                "heads_r2": {"l3/depth": v},
+            }
+            for s, v in ((0, 0.5), (1, 0.7))
+        ],
+        {
+            "method": "kd",
+            "source": "real",
+            "seed": 0,
+            "teacher_robustness": {"full": 0.9, "removed/depth": 0.3},
+        },
+    ]
+    lines = findings_lines(rows)
+    assert "| latent | 52.84 | depth 39.12 | depth 28.16 | l3/depth 0.60 [0.50, 0.70] |" in lines
+    assert "| real | 90.00 | depth 30.00 | – | – |" in lines
+    assert not any("| none |" in line for line in lines)
+    assert findings_lines([{"method": "ce", "source": "none", "seed": 0}]) == []

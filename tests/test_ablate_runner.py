@@ -107,9 +107,15 @@ def test_tiny_grid_end_to_end(tmp_path, shards, monkeypatch):
         assert cells[f"kd-{source}-s1"]["run"].endswith(f"kd-{source}-s1-{chosen}")
     curves = cells["messy-latent-s1"]["loss_curves"]
     assert any(term.startswith("messy/") for term in curves) and curves["loss"]
+    # findings: the teacher's reliance on depth, and the MESSy heads' R² on val (measured, finite, ≤ 1)
+    assert {"full", "removed/depth", "shuffled/depth"} <= set(cells["kd-latent-s1"]["teacher_robustness"])
+    r2 = cells["messy-decoded-s0"]["heads_r2"]
+    assert r2 and all(k.endswith("/depth") and -100 < v <= 1 for k, v in r2.items())
+    assert "heads_r2" not in cells["kd-latent-s1"]
 
     text = summary.read_text()
     assert "| messy | latent | 2 |" in text and "## KD tuning" in text and "teacher (latent)" in text
+    assert "## What the teacher relies on, and what the student can predict" in text
     for name in ("accuracy.png", "cost.png", "messy_layers.png"):
         assert (out / name).read_bytes()[:8] == PNG
 

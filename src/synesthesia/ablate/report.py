@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from synesthesia.ablate.findings import findings_lines
 from synesthesia.ablate.stats import (
     A_BETTER,
     B_BETTER,
@@ -312,6 +313,7 @@ def summary_markdown(
             f"{s} {v:.0f} s ({sum(1 for r in tune if r['source'] == s)} runs)" for s, v in by_source.items()
         )
         lines += ["", f"Tuning cost: {cost}."]
+    lines += findings_lines(rows or [])
     lines += [
         "",
         "Reproduce a row (one seed shown; change train.seed and train.run_name for the others):",

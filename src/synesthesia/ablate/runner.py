@@ -29,7 +29,9 @@ The steps, each skipped when an earlier run left it complete:
    finishes, so a killed ablation rerun skips completed cells. A run that was
    killed part-way resumes from its latest checkpoint when it has one, else it
    starts over.
-6. ``summary.md`` and the plots, from results.jsonl (``--report`` redoes only this).
+6. **Findings**: each cell's row gains its teacher's robustness report and, for
+   MESSy, the heads' R² on val (:mod:`~synesthesia.ablate.findings`).
+7. ``summary.md`` and the plots, from results.jsonl (``--report`` redoes only this).
 
 Every training run is ``synesthesia train PIPELINE <overrides> --out RUNS``;
 the row holds that command and the path of the run's resolved ``config.json``.
@@ -56,6 +58,7 @@ from typing import Any
 
 from synesthesia import UserError
 from synesthesia.ablate import planning
+from synesthesia.ablate.findings import complete_rows
 from synesthesia.ablate.grid import Cell, append_row, expand, read_results, source_kind, teacher_sources
 from synesthesia.ablate.kd_tuning import kd_grid, tune_kd, tune_seed
 from synesthesia.ablate.parallel import Task, TrainPool
@@ -433,6 +436,7 @@ class Ablation:
                 tick(cell.name)
 
         self.run_jobs(jobs, cell_done)
+        complete_rows(self, done)  # teacher reliance and MESSy heads' R², also for rows from before
         runs_done.close()
         path = self.report()
         logger.info("ablation %s: %s (%.1f min)", self.cfg.name, path, (time.perf_counter() - start) / 60)
