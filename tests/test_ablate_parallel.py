@@ -58,6 +58,11 @@ def test_at_most_jobs_run_at_once_and_each_is_reported(tmp_path):
     assert "child says goodbye" in (tmp_path / "logs" / "t0.log").read_text()
 
 
+def test_a_step_with_fewer_runs_than_jobs_shares_the_cores_among_them(tmp_path):
+    TrainPool(2, gpus=[], cores=4).run([task(tmp_path, "alone", 0.1)], lambda t, s: None)
+    assert record(tmp_path, "alone")["env"]["OMP_NUM_THREADS"] == "4"
+
+
 def test_a_failure_lets_running_runs_finish_starts_no_more_and_names_the_log(tmp_path):
     pool = TrainPool(2, gpus=["0", "1"], cores=2)
     done = []

@@ -188,6 +188,46 @@ def test_resume_skips_completed_cells(tmp_path, shards, monkeypatch):
         Ablation(changed, path, shards=shards, runs=runs, out=out).run()
 
 
+def test_a_changed_teacher_config_retrains_its_students_never_mixes_them(
+    tmp_path, shards, monkeypatch, caplog
+):
+    import os
+    import shutil
+
+    cfg, path = tiny_pipeline(tmp_path, methods=["ce", "messy"], sources=["latent"], kd_alphas=[0.5])
+    monkeypatch.setattr("synesthesia.stage_one.run_stage_one", fake_stage_one([]))
+    calls = []
+    monkeypatch.setattr("synesthesia.train.loop.train", fake_train(calls))
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    Ablation(cfg, path, shards=shards, runs=runs, out=out).run()
+    old_hash = read_results(out)["messy-latent-s0"]["teacher_hash"]
+    assert old_hash and "teacher_hash" not in read_results(out)["ce-none-s0"]
+
+    bigger = build(PipelineConfig, {**to_dict(cfg), "teacher": {**to_dict(cfg.teacher), "dim": 48}})
+    with pytest.raises(UserError, match="another config"):  # the teacher run itself is refused
+        Ablation(bigger, path, shards=shards, runs=runs, out=out).run()
+    shutil.rmtree(runs / cfg.name / "teacher-latent-s0")  # deleted as told: its students are refused next
+    with pytest.raises(UserError, match="distilled from another teacher"):
+        Ablation(bigger, path, shards=shards, runs=runs, out=out).run()
+
+    calls.clear()  # another runs root, the same results folder: the old students' rows are not reused
+    Ablation(bigger, path, shards=shards, runs=tmp_path / "runs2", out=out).run()
+    assert "2 row(s)" in caplog.text and "trained again" in caplog.text
+    # ce has no teacher: its rows stand (a student's config hash leaves the teacher section out)
+    assert sorted(n for n, _ in calls) == ["messy-latent-s0", "messy-latent-s1", "teacher-latent-s0"]
+    assert read_results(out)["messy-latent-s1"]["teacher_hash"] not in (None, old_hash)
+
+    # a run from before the teacher hash was recorded: older than its teacher means another teacher
+    ablation = Ablation(bigger, path, shards=shards, runs=tmp_path / "runs2", out=out)
+    student = tmp_path / "runs2" / cfg.name / "messy-latent-s0"
+    (student / "ablate_time.json").write_text('{"seconds": 1.0}')
+    assert ablation._from_current_teacher(student, "latent")
+    teacher_metrics = ablation.teacher_run("latent") / "metrics.json"
+    later = (student / "metrics.json").stat().st_mtime + 10
+    os.utime(teacher_metrics, (later, later))
+    assert not ablation._from_current_teacher(student, "latent")
+
+
 def test_tuned_kd_is_selected_on_val_not_test(tmp_path, shards, monkeypatch):
     cfg, path = tiny_pipeline(
         tmp_path, methods=["ce", "kd"], kd_alphas=[0.3, 0.7], kd_temperatures=[1.0, 4.0]
@@ -210,8 +250,14 @@ def test_tuned_kd_is_selected_on_val_not_test(tmp_path, shards, monkeypatch):
             row = rows[f"kd-{source}-s{seed}"]
             assert (row["kd_alpha"], row["kd_temperature"]) == (0.7, 4.0)
             assert row["tune_runs"] == 4 and row["tune_seconds"] >= 0
-    # 2 teachers + 2 ce + 2 sources x (4 tuning runs + 1 more seed)
+    # 2 teachers + 2 ce + 2 sources x (4 tuning runs + 1 more seed); ce trains beside the teachers
     assert len(calls) == 2 + 2 + 2 * (4 + 1)
+    assert [name for name, _ in calls[:4]] == [
+        "teacher-latent-s0",
+        "teacher-decoded-s0",
+        "ce-none-s0",
+        "ce-none-s1",
+    ]
     assert rows["ce-none-s0"]["teacher_acc"] is None and rows["ce-none-s0"]["stage1_s_per_sample"] == 0.0
     text = (out / "summary.md").read_text()
     assert "kd (α=0.7, T=4)" in text and "Tuning cost" in text

@@ -25,8 +25,9 @@ The steps, each skipped when an earlier run left it complete:
    then used for every seed, so the tuning run at the tune seed *is* that
    seed's KD cell. Each grid run is a ``role: "tune"`` row of results.jsonl and
    the tuning seconds are reported beside the KD rows.
-5. **Cells**, in grid order; each appends one row to ``results.jsonl`` when it
-   finishes, so a killed ablation rerun skips completed cells. A run that was
+5. **Cells**, seed by seed (a stopped ablation holds whole seeds, which pair);
+   the ``ce`` cells train beside the teachers (step 3). Each appends one row to
+   ``results.jsonl`` when it finishes, so a killed ablation rerun skips completed cells. A run that was
    killed part-way resumes from its latest checkpoint when it has one, else it
    starts over.
 6. **Findings**: each cell's row gains its teacher's robustness report and, for
@@ -153,6 +154,7 @@ class Ablation:
         self.sources = teacher_sources(self.cells)
         self.grid = kd_grid(self.cfg) if "kd" in cfg.ablate.methods else []
         self.tuned = len(self.grid) > 1
+        self._teacher_hashes: dict[str, str | None] = {}
 
     # -- commands
 
@@ -188,9 +190,71 @@ class Ablation:
         ]
         if kd is not None:
             over += [f"method.alpha={kd.alpha!r}", f"method.temperature={kd.temperature!r}"]
+        if source == "none":
+            return Job(name, over, self._command("train", over, self.runs))
+        over.append(f"train.teacher={self.teacher_run(source)}")
+        command = self._command("train", over, self.runs)
+        return Job(name, over, command, source=source, teacher_hash=self.teacher_hash(source))
+
+    def teacher_hash(self, source: str) -> str | None:
+        """What the students of ``source`` are distilled from: its teacher's training config hash."""
+        if source not in self._teacher_hashes:
+            self._teacher_hashes[source] = training_hash(
+                replace(self.cfg, self.teacher_job(source).overrides)
+            )
+        return self._teacher_hashes[source]
+
+    def _from_current_teacher(self, run: Path, source: str) -> bool:
+        """Whether student run ``run`` was distilled from this grid's teacher of ``source``: the
+        teacher hash the ablation recorded in it; for runs from before it was recorded, whether
+        the run finished after the teacher did (a teacher trained again is newer)."""
+        recorded = _read_timing(run).get("teacher_hash")
+        if recorded is not None:
+            return recorded == self.teacher_hash(source)
+        mine, theirs = run / "metrics.json", self.teacher_run(source) / "metrics.json"
+        if mine.is_file() and theirs.is_file():
+            return mine.stat().st_mtime >= theirs.stat().st_mtime
+        return True
+
+    def _drop_stale(self, done: dict[str, dict[str, Any]]) -> None:
+        """Forget the rows of results.jsonl that this grid would not train the same way: their run's
+        config differs from this pipeline's now, or so does their teacher's. Those cells train again
+        (the runs root refuses a finished run of another config: pass a new --runs)."""
+        stale = [name for name, row in done.items() if not self._row_is_current(row)]
+        for name in stale:
+            del done[name]
+        if stale:
+            logger.warning(
+                "%d row(s) of %s were trained under another config than this pipeline's (%s); "
+                "they are trained again",
+                len(stale),
+                self.out / "results.jsonl",
+                ", ".join(stale[:4]) + (", ..." if len(stale) > 4 else ""),
+            )
+
+    def _row_is_current(self, row: dict[str, Any]) -> bool:
+        method, source, seed = row.get("method"), row.get("source"), row.get("seed")
+        if method not in self.cfg.ablate.methods or source not in (*self.sources, "none"):
+            return True  # not a cell of this grid: reported as it is, never reused for one
         if source != "none":
-            over.append(f"train.teacher={self.teacher_run(source)}")
-        return Job(name, over, self._command("train", over, self.runs))
+            if row.get("teacher_hash") is not None:
+                if row["teacher_hash"] != self.teacher_hash(source):
+                    return False
+            elif not self._from_current_teacher(Path(str(row.get("run", ""))), source):
+                return False
+        kd = None
+        if method == "kd":
+            setting = (row.get("kd_alpha"), row.get("kd_temperature"))
+            kd = next((g for g in self.grid if (g.alpha, g.temperature) == setting), None)
+            if kd is None:
+                return False  # a setting the KD grid no longer has
+        want = training_hash(replace(self.cfg, self.student_job(method, source, seed, kd).overrides))
+        if row.get("training_hash") is not None:
+            return row["training_hash"] == want
+        written = Path(str(row.get("config", "")))
+        if written.is_file():  # rows from before training_hash was recorded: their run's config
+            return training_hash(json.loads(written.read_text()).get("config", {})) == want
+        return True
 
     def tune_cell_name(self, source: str, g) -> str:
         return f"tune/kd-{source}-s{tune_seed(self.cfg)}-{g.name}"
@@ -289,7 +353,8 @@ class Ablation:
             run = self.runs / self.cfg.name / job.name
             if _finished(run) is None:
                 raise UserError(f"training {job.name} exited 0 but left no finished run in {run}")
-            atomic_write_text(run / TIMING, json.dumps({"seconds": seconds, "jobs": self.pool.jobs}) + "\n")
+            record = {"seconds": seconds, "jobs": self.pool.jobs, **job.record()}
+            atomic_write_text(run / TIMING, json.dumps(record) + "\n")
             on_done(job, self.run_job(job))
 
         self.pool.run([self._task(job) for job in todo], finished)
@@ -322,6 +387,16 @@ class Ablation:
             raise UserError(
                 f"{run} was trained with another config than this ablation's; delete it or pass another --runs"
             )
+        source = job.source
+        if (
+            metrics is not None
+            and source not in ("none", None)
+            and not self._from_current_teacher(run, source)
+        ):
+            raise UserError(
+                f"{run} was distilled from another teacher than this ablation's {self.teacher_run(source)}; "
+                "delete it or pass another --runs"
+            )
         if metrics is None:
             resume = "latest" if (run / "checkpoints" / "latest").is_file() else None
             logger.info("training %s%s", run.name, " (resuming)" if resume else "")
@@ -329,17 +404,18 @@ class Ablation:
             metrics = loop.train(run_cfg, self.runs, resume=resume)
             seconds = time.perf_counter() - start
             if run.is_dir():
-                atomic_write_text(run / TIMING, json.dumps({"seconds": seconds}) + "\n")
+                atomic_write_text(run / TIMING, json.dumps({"seconds": seconds, **job.record()}) + "\n")
         else:
             logger.info("%s already trained; kept", run)
-            timing = run / TIMING
-            seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else _logged_span(run)
+            timing = _read_timing(run)
+            seconds = float(timing["seconds"]) if "seconds" in timing else _logged_span(run)
         return {
             "metrics": metrics,
             "seconds": seconds,
             "run": str(run),
             "config": str(written),
             "config_hash": config_hash(run_cfg),
+            "training_hash": training_hash(run_cfg),
         }
 
     def _row(self, job: Job, result: dict[str, Any], curves: bool) -> dict[str, Any]:
@@ -354,6 +430,7 @@ class Ablation:
             "run": result["run"],
             "config": result["config"],
             "config_hash": result["config_hash"],
+            "training_hash": result["training_hash"],
             "command": job.command,
         }
         if curves:
@@ -373,6 +450,7 @@ class Ablation:
         none_cost = {"stage1_s_per_sample": 0.0, "stage1_bytes_per_sample": 0.0, "stage1_seconds": 0.0}
         costs["none"] = {**none_cost, "stage1_command": ""}
         done = read_results(self.out)
+        self._drop_stale(done)
         runs_done = progress(total=plan.todo_runs, desc=f"ablation {self.cfg.name}", unit="run")
 
         def tick(what: str) -> None:
@@ -380,41 +458,19 @@ class Ablation:
             runs_done.update(1)
 
         teachers: dict[str, dict[str, Any]] = {}
-        teacher_jobs = {self.teacher_job(source).name: source for source in self.sources}
-        fresh = {name for name in teacher_jobs if _finished(self.runs / self.cfg.name / name) is None}
-
-        def teacher_done(job: Job, result: dict[str, Any]) -> None:
-            teachers[teacher_jobs[job.name]] = {
-                "teacher_acc": _acc(result["metrics"], "test"),
-                "teacher_val_acc": _acc(result["metrics"], "best"),
-                "teacher_seconds": result["seconds"],
-                "teacher_run": result["run"],
-                "teacher_command": job.command,
-            }
-            if job.name in fresh:
-                tick(job.name)
-
-        self.run_jobs([self.teacher_job(source) for source in self.sources], teacher_done)
-
         selected: dict[str, Any] = {}
         tuning: dict[str, dict[str, Any]] = {}
-        if "kd" in self.cfg.ablate.methods:
-            for source in self.sources:
-                selected[source], tuning[source] = tune_kd(self, source, done, costs, teachers, tick)
-            atomic_write_text(
-                self.out / "kd_selection.json", json.dumps(tuning, indent=2, sort_keys=True) + "\n"
-            )
-
+        teacher_jobs = {self.teacher_job(source).name: source for source in self.sources}
         cell_of: dict[str, Cell] = {}
-        jobs = []
-        for cell in self.cells:
-            if cell.name in done:
-                continue
-            kd = selected.get(cell.source) if cell.method == "kd" else None
-            job = self.student_job(cell.method, cell.source, cell.seed, kd)
-            cell_of[job.name] = cell
-            jobs.append(job)
-        fresh = {job.name for job in jobs if _finished(self.runs / self.cfg.name / job.name) is None}
+
+        def cell_jobs(cells: list[Cell]) -> list[Job]:
+            jobs = []
+            for cell in cells:
+                kd = selected.get(cell.source) if cell.method == "kd" else None
+                job = self.student_job(cell.method, cell.source, cell.seed, kd)
+                cell_of[job.name] = cell
+                jobs.append(job)
+            return jobs
 
         def cell_done(job: Job, result: dict[str, Any]) -> None:
             cell = cell_of[job.name]
@@ -432,10 +488,43 @@ class Ablation:
                 )
             row["role"] = "cell"
             done[cell.name] = append_row(self.out, {"cell": cell.name, **asdict(cell), **row})
-            if job.name in fresh:
-                tick(cell.name)
 
-        self.run_jobs(jobs, cell_done)
+        def finished(job: Job, result: dict[str, Any]) -> None:
+            if job.name in teacher_jobs:
+                teachers[teacher_jobs[job.name]] = {
+                    "teacher_acc": _acc(result["metrics"], "test"),
+                    "teacher_val_acc": _acc(result["metrics"], "best"),
+                    "teacher_seconds": result["seconds"],
+                    "teacher_run": result["run"],
+                    "teacher_command": job.command,
+                    "teacher_hash": self.teacher_hash(teacher_jobs[job.name]),
+                }
+            else:
+                cell_done(job, result)
+            if job.name in fresh:
+                tick(job.name)
+
+        # 1. the teachers, and beside them the cells that need none (ce)
+        # seed by seed, so that a stopped ablation holds whole seeds: differences pair on them
+        seeds = list(self.cfg.ablate.seeds)
+        todo = sorted((c for c in self.cells if c.name not in done), key=lambda c: seeds.index(c.seed))
+        jobs = [self.teacher_job(source) for source in self.sources]
+        jobs += cell_jobs([c for c in todo if c.source == "none"])
+        fresh = {job.name for job in jobs if _finished(self.runs / self.cfg.name / job.name) is None}
+        self.run_jobs(jobs, finished)
+
+        # 2. tuned KD, per source
+        if "kd" in self.cfg.ablate.methods:
+            for source in self.sources:
+                selected[source], tuning[source] = tune_kd(self, source, done, costs, teachers, tick)
+            atomic_write_text(
+                self.out / "kd_selection.json", json.dumps(tuning, indent=2, sort_keys=True) + "\n"
+            )
+
+        # 3. the other cells
+        jobs = cell_jobs([c for c in todo if c.source != "none"])
+        fresh = {job.name for job in jobs if _finished(self.runs / self.cfg.name / job.name) is None}
+        self.run_jobs(jobs, finished)
         complete_rows(self, done)  # teacher reliance and MESSy heads' R², also for rows from before
         runs_done.close()
         path = self.report()
@@ -452,6 +541,18 @@ class Ablation:
         path = write_summary(self.out, rows, f"{self.cfg.name}: ablation")
         write_plots(self.out, rows)
         return path
+
+
+def _read_timing(run: Path) -> dict[str, Any]:
+    """The run's ablate_time.json (seconds, jobs, teacher_hash), or {} when there is none."""
+    path = run / TIMING
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_throughput(directory: Path) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from synesthesia.config import PipelineConfig, comparable, config_hash, to_dict, written_config
 
-TIMING = "ablate_time.json"  # written into each run folder by the ablation: wall seconds of train()
+TIMING = "ablate_time.json"  # written into each run folder by the ablation: wall seconds of train(), and more
 CURVE_POINTS = 200  # loss curves kept in results.jsonl are thinned to about this many points
 
 
@@ -32,6 +32,12 @@ class Job:
     overrides: list[str]
     command: str
     stage: str = "student"
+    source: str | None = None  # a student's privileged source, when it has a teacher
+    teacher_hash: str | None = None  # and the training hash of that teacher
+
+    def record(self) -> dict[str, str]:
+        """What the ablation writes into the run's TIMING file beside its seconds."""
+        return {"teacher_hash": self.teacher_hash} if self.teacher_hash else {}
 
 
 def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
@@ -47,7 +53,8 @@ def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
 
 
 def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
-    """The config hash of what a training run depends on: everything but the ``ablate`` section.
+    """The config hash of what a training run depends on: everything but the ``ablate`` section,
+    and the ``teacher`` section for a student (``student`` for a teacher).
 
     A written config (a dict) is read by this version first (fields added since take their
     defaults: :func:`~synesthesia.config.written_config`); None when it no longer reads.
@@ -58,6 +65,9 @@ def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
             return None
     data = to_dict(comparable(cfg))
     data.pop("ablate", None)
+    # a student reads no teacher section (its teacher is a trained run: the ablation checks that
+    # run's own hash) and a teacher no student section
+    data.pop("teacher" if cfg.train.stage == "student" else "student", None)
     return config_hash(data)
 
 
