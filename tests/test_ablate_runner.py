@@ -12,6 +12,7 @@ import yaml
 from stage2_shards import write_tiny_dataset
 from synesthesia import UserError
 from synesthesia.ablate.grid import read_results
+from synesthesia.ablate.reuse import from_current_teacher
 from synesthesia.ablate.runner import Ablation, training_hash
 from synesthesia.cli import main
 from synesthesia.config import PipelineConfig, build, load_pipeline, to_dict, write_resolved
@@ -221,11 +222,11 @@ def test_a_changed_teacher_config_retrains_its_students_never_mixes_them(
     ablation = Ablation(bigger, path, shards=shards, runs=tmp_path / "runs2", out=out)
     student = tmp_path / "runs2" / cfg.name / "messy-latent-s0"
     (student / "ablate_time.json").write_text('{"seconds": 1.0}')
-    assert ablation._from_current_teacher(student, "latent")
+    assert from_current_teacher(ablation, student, "latent")
     teacher_metrics = ablation.teacher_run("latent") / "metrics.json"
     later = (student / "metrics.json").stat().st_mtime + 10
     os.utime(teacher_metrics, (later, later))
-    assert not ablation._from_current_teacher(student, "latent")
+    assert not from_current_teacher(ablation, student, "latent")
 
 
 def test_tuned_kd_is_selected_on_val_not_test(tmp_path, shards, monkeypatch):

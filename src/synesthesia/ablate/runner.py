@@ -64,6 +64,7 @@ from synesthesia.ablate.grid import Cell, append_row, expand, read_results, sour
 from synesthesia.ablate.kd_tuning import kd_grid, tune_kd, tune_seed
 from synesthesia.ablate.parallel import Task, TrainPool
 from synesthesia.ablate.planning import Plan
+from synesthesia.ablate.reuse import drop_stale, from_current_teacher, read_timing
 from synesthesia.ablate.runs import (
     TIMING,
     Job,
@@ -204,58 +205,6 @@ class Ablation:
             )
         return self._teacher_hashes[source]
 
-    def _from_current_teacher(self, run: Path, source: str) -> bool:
-        """Whether student run ``run`` was distilled from this grid's teacher of ``source``: the
-        teacher hash the ablation recorded in it; for runs from before it was recorded, whether
-        the run finished after the teacher did (a teacher trained again is newer)."""
-        recorded = _read_timing(run).get("teacher_hash")
-        if recorded is not None:
-            return recorded == self.teacher_hash(source)
-        mine, theirs = run / "metrics.json", self.teacher_run(source) / "metrics.json"
-        if mine.is_file() and theirs.is_file():
-            return mine.stat().st_mtime >= theirs.stat().st_mtime
-        return True
-
-    def _drop_stale(self, done: dict[str, dict[str, Any]]) -> None:
-        """Forget the rows of results.jsonl that this grid would not train the same way: their run's
-        config differs from this pipeline's now, or so does their teacher's. Those cells train again
-        (the runs root refuses a finished run of another config: pass a new --runs)."""
-        stale = [name for name, row in done.items() if not self._row_is_current(row)]
-        for name in stale:
-            del done[name]
-        if stale:
-            logger.warning(
-                "%d row(s) of %s were trained under another config than this pipeline's (%s); "
-                "they are trained again",
-                len(stale),
-                self.out / "results.jsonl",
-                ", ".join(stale[:4]) + (", ..." if len(stale) > 4 else ""),
-            )
-
-    def _row_is_current(self, row: dict[str, Any]) -> bool:
-        method, source, seed = row.get("method"), row.get("source"), row.get("seed")
-        if method not in self.cfg.ablate.methods or source not in (*self.sources, "none"):
-            return True  # not a cell of this grid: reported as it is, never reused for one
-        if source != "none":
-            if row.get("teacher_hash") is not None:
-                if row["teacher_hash"] != self.teacher_hash(source):
-                    return False
-            elif not self._from_current_teacher(Path(str(row.get("run", ""))), source):
-                return False
-        kd = None
-        if method == "kd":
-            setting = (row.get("kd_alpha"), row.get("kd_temperature"))
-            kd = next((g for g in self.grid if (g.alpha, g.temperature) == setting), None)
-            if kd is None:
-                return False  # a setting the KD grid no longer has
-        want = training_hash(replace(self.cfg, self.student_job(method, source, seed, kd).overrides))
-        if row.get("training_hash") is not None:
-            return row["training_hash"] == want
-        written = Path(str(row.get("config", "")))
-        if written.is_file():  # rows from before training_hash was recorded: their run's config
-            return training_hash(json.loads(written.read_text()).get("config", {})) == want
-        return True
-
     def tune_cell_name(self, source: str, g) -> str:
         return f"tune/kd-{source}-s{tune_seed(self.cfg)}-{g.name}"
 
@@ -391,7 +340,7 @@ class Ablation:
         if (
             metrics is not None
             and source not in ("none", None)
-            and not self._from_current_teacher(run, source)
+            and not from_current_teacher(self, run, source)
         ):
             raise UserError(
                 f"{run} was distilled from another teacher than this ablation's {self.teacher_run(source)}; "
@@ -407,7 +356,7 @@ class Ablation:
                 atomic_write_text(run / TIMING, json.dumps({"seconds": seconds, **job.record()}) + "\n")
         else:
             logger.info("%s already trained; kept", run)
-            timing = _read_timing(run)
+            timing = read_timing(run)
             seconds = float(timing["seconds"]) if "seconds" in timing else _logged_span(run)
         return {
             "metrics": metrics,
@@ -450,7 +399,7 @@ class Ablation:
         none_cost = {"stage1_s_per_sample": 0.0, "stage1_bytes_per_sample": 0.0, "stage1_seconds": 0.0}
         costs["none"] = {**none_cost, "stage1_command": ""}
         done = read_results(self.out)
-        self._drop_stale(done)
+        drop_stale(self, done)
         runs_done = progress(total=plan.todo_runs, desc=f"ablation {self.cfg.name}", unit="run")
 
         def tick(what: str) -> None:
@@ -541,18 +490,6 @@ class Ablation:
         path = write_summary(self.out, rows, f"{self.cfg.name}: ablation")
         write_plots(self.out, rows)
         return path
-
-
-def _read_timing(run: Path) -> dict[str, Any]:
-    """The run's ablate_time.json (seconds, jobs, teacher_hash), or {} when there is none."""
-    path = run / TIMING
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _read_throughput(directory: Path) -> dict[str, Any] | None:
