@@ -25,11 +25,13 @@ from synesthesia.config import replace
 if TYPE_CHECKING:
     from synesthesia.ablate.runner import Ablation
 
-# Start-up estimate, measured with the demo on a 2-core CPU (64x64 scenes, vit_tiny_scenes; a ce
-# student epoch over 1500 samples with its val pass over 1000 took 27 s); replaced by the measured
-# mean as runs finish.
-EST_STUDENT_S_PER_SAMPLE_EPOCH = 0.018
-EST_TEACHER_S_PER_SAMPLE_EPOCH = 0.0075
+# Start-up estimate, measured on a 2-core CPU (64x64 scenes, vit_tiny_scenes, 1500 train and 1000
+# val samples per epoch): a ce student alone trains at 0.69 step/s of 64 (~36 s an epoch with val), a
+# KD or MESSy student, which also runs its teacher forward, ~1.4x slower, so 0.030 s per sample-epoch
+# between the two; the same-ViT teacher of pipelines/ablation-scenes.yaml ~0.032. Replaced by the
+# measured median as runs finish.
+EST_STUDENT_S_PER_SAMPLE_EPOCH = 0.030
+EST_TEACHER_S_PER_SAMPLE_EPOCH = 0.032
 EST_STAGE_ONE_S_PER_SAMPLE = 0.03
 EST_RUN_OVERHEAD_S = 10.0  # model build, accelerate, val and test evaluation, checkpoint, export
 MEASURED_RUNS = 20  # the newest finished runs a measured speed is the median of
