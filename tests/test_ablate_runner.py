@@ -15,7 +15,15 @@ from synesthesia.ablate.grid import read_results
 from synesthesia.ablate.reuse import from_current_teacher
 from synesthesia.ablate.runner import Ablation, training_hash
 from synesthesia.cli import main
-from synesthesia.config import PipelineConfig, build, load_pipeline, to_dict, write_resolved
+from synesthesia.config import (
+    PipelineConfig,
+    build,
+    config_hash,
+    load_pipeline,
+    replace,
+    to_dict,
+    write_resolved,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 GEN = [{"name": "gen", "modality": "depth", "set_name": "gen-depth"}]
@@ -144,6 +152,7 @@ def fake_train(calls, val_of=lambda cfg: 0.5, test_of=lambda cfg: 0.5):
             "best": {"accuracy": val_of(cfg)},
             "test": {"accuracy": test_of(cfg)},
             "train_samples_per_s": 100.0,
+            "final_weights_sha256": {"model.safetensors": config_hash(cfg)},  # new weights per config
         }
         (run / "metrics.json").write_text(json.dumps(metrics))
         return metrics
@@ -201,8 +210,8 @@ def test_a_changed_teacher_config_retrains_its_students_never_mixes_them(
     monkeypatch.setattr("synesthesia.train.loop.train", fake_train(calls))
     out, runs = tmp_path / "results", tmp_path / "runs"
     Ablation(cfg, path, shards=shards, runs=runs, out=out).run()
-    old_hash = read_results(out)["messy-latent-s0"]["teacher_hash"]
-    assert old_hash and "teacher_hash" not in read_results(out)["ce-none-s0"]
+    old_teacher = read_results(out)["messy-latent-s0"]["teacher_weights"]
+    assert old_teacher and "teacher_weights" not in read_results(out)["ce-none-s0"]
 
     bigger = build(PipelineConfig, {**to_dict(cfg), "teacher": {**to_dict(cfg.teacher), "dim": 48}})
     with pytest.raises(UserError, match="another config"):  # the teacher run itself is refused
@@ -216,7 +225,7 @@ def test_a_changed_teacher_config_retrains_its_students_never_mixes_them(
     assert "2 row(s)" in caplog.text and "trained again" in caplog.text
     # ce has no teacher: its rows stand (a student's config hash leaves the teacher section out)
     assert sorted(n for n, _ in calls) == ["messy-latent-s0", "messy-latent-s1", "teacher-latent-s0"]
-    assert read_results(out)["messy-latent-s1"]["teacher_hash"] not in (None, old_hash)
+    assert read_results(out)["messy-latent-s1"]["teacher_weights"] not in (None, old_teacher)
 
     # a run from before the teacher hash was recorded: older than its teacher means another teacher
     ablation = Ablation(bigger, path, shards=shards, runs=tmp_path / "runs2", out=out)
@@ -371,3 +380,8 @@ def test_training_hash_reads_written_configs_as_this_version():
     removed["train"]["gone_option"] = 1
     assert training_hash(removed) is None
     assert training_hash(to_dict(PipelineConfig())) != training_hash(cfg)
+    # how often a run checkpoints, and a student's unused teacher section, do not make another run
+    assert training_hash(replace(cfg, ["train.save_every=96", "teacher.dim=48"])) == training_hash(cfg)
+    assert training_hash(replace(cfg, ["train.stage=teacher", "teacher.dim=48"])) != training_hash(
+        replace(cfg, ["train.stage=teacher"])
+    )

@@ -64,7 +64,7 @@ from synesthesia.ablate.grid import Cell, append_row, expand, read_results, sour
 from synesthesia.ablate.kd_tuning import kd_grid, tune_kd, tune_seed
 from synesthesia.ablate.parallel import Task, TrainPool
 from synesthesia.ablate.planning import Plan
-from synesthesia.ablate.reuse import drop_stale, from_current_teacher, read_timing
+from synesthesia.ablate.reuse import drop_stale, from_current_teacher, read_timing, teacher_weights
 from synesthesia.ablate.runs import (
     TIMING,
     Job,
@@ -155,7 +155,6 @@ class Ablation:
         self.sources = teacher_sources(self.cells)
         self.grid = kd_grid(self.cfg) if "kd" in cfg.ablate.methods else []
         self.tuned = len(self.grid) > 1
-        self._teacher_hashes: dict[str, str | None] = {}
 
     # -- commands
 
@@ -194,16 +193,17 @@ class Ablation:
         if source == "none":
             return Job(name, over, self._command("train", over, self.runs))
         over.append(f"train.teacher={self.teacher_run(source)}")
-        command = self._command("train", over, self.runs)
-        return Job(name, over, command, source=source, teacher_hash=self.teacher_hash(source))
+        return Job(name, over, self._command("train", over, self.runs), source=source)
 
-    def teacher_hash(self, source: str) -> str | None:
-        """What the students of ``source`` are distilled from: its teacher's training config hash."""
-        if source not in self._teacher_hashes:
-            self._teacher_hashes[source] = training_hash(
-                replace(self.cfg, self.teacher_job(source).overrides)
-            )
-        return self._teacher_hashes[source]
+    def _record(self, job: Job) -> dict[str, Any]:
+        """What the ablation writes into a run's TIMING file beside its seconds: a student's teacher."""
+        weights = teacher_weights(self, job.source) if job.source not in (None, "none") else None
+        return {"teacher_weights": weights} if weights else {}
+
+    def cells_by_seed(self, done: dict[str, dict[str, Any]]) -> list[Cell]:
+        """The cells not done, seed by seed: a stopped ablation holds whole seeds, which pair."""
+        seeds = list(self.cfg.ablate.seeds)
+        return sorted((c for c in self.cells if c.name not in done), key=lambda c: seeds.index(c.seed))
 
     def tune_cell_name(self, source: str, g) -> str:
         return f"tune/kd-{source}-s{tune_seed(self.cfg)}-{g.name}"
@@ -302,7 +302,7 @@ class Ablation:
             run = self.runs / self.cfg.name / job.name
             if _finished(run) is None:
                 raise UserError(f"training {job.name} exited 0 but left no finished run in {run}")
-            record = {"seconds": seconds, "jobs": self.pool.jobs, **job.record()}
+            record = {"seconds": seconds, "jobs": self.pool.jobs, **self._record(job)}
             atomic_write_text(run / TIMING, json.dumps(record) + "\n")
             on_done(job, self.run_job(job))
 
@@ -353,7 +353,7 @@ class Ablation:
             metrics = loop.train(run_cfg, self.runs, resume=resume)
             seconds = time.perf_counter() - start
             if run.is_dir():
-                atomic_write_text(run / TIMING, json.dumps({"seconds": seconds, **job.record()}) + "\n")
+                atomic_write_text(run / TIMING, json.dumps({"seconds": seconds, **self._record(job)}) + "\n")
         else:
             logger.info("%s already trained; kept", run)
             timing = read_timing(run)
@@ -364,7 +364,6 @@ class Ablation:
             "run": str(run),
             "config": str(written),
             "config_hash": config_hash(run_cfg),
-            "training_hash": training_hash(run_cfg),
         }
 
     def _row(self, job: Job, result: dict[str, Any], curves: bool) -> dict[str, Any]:
@@ -379,7 +378,6 @@ class Ablation:
             "run": result["run"],
             "config": result["config"],
             "config_hash": result["config_hash"],
-            "training_hash": result["training_hash"],
             "command": job.command,
         }
         if curves:
@@ -446,7 +444,7 @@ class Ablation:
                     "teacher_seconds": result["seconds"],
                     "teacher_run": result["run"],
                     "teacher_command": job.command,
-                    "teacher_hash": self.teacher_hash(teacher_jobs[job.name]),
+                    "teacher_weights": teacher_weights(self, teacher_jobs[job.name]),
                 }
             else:
                 cell_done(job, result)
@@ -454,13 +452,11 @@ class Ablation:
                 tick(job.name)
 
         # 1. the teachers, and beside them the cells that need none (ce)
-        # seed by seed, so that a stopped ablation holds whole seeds: differences pair on them
-        seeds = list(self.cfg.ablate.seeds)
-        todo = sorted((c for c in self.cells if c.name not in done), key=lambda c: seeds.index(c.seed))
         jobs = [self.teacher_job(source) for source in self.sources]
-        jobs += cell_jobs([c for c in todo if c.source == "none"])
+        jobs += cell_jobs([c for c in self.cells_by_seed(done) if c.source == "none"])
         fresh = {job.name for job in jobs if _finished(self.runs / self.cfg.name / job.name) is None}
         self.run_jobs(jobs, finished)
+        drop_stale(self, done)  # with the teachers trained: rows distilled from another teacher go
 
         # 2. tuned KD, per source
         if "kd" in self.cfg.ablate.methods:
@@ -471,7 +467,7 @@ class Ablation:
             )
 
         # 3. the other cells
-        jobs = cell_jobs([c for c in todo if c.source != "none"])
+        jobs = cell_jobs([c for c in self.cells_by_seed(done) if c.source != "none"])
         fresh = {job.name for job in jobs if _finished(self.runs / self.cfg.name / job.name) is None}
         self.run_jobs(jobs, finished)
         complete_rows(self, done)  # teacher reliance and MESSy heads' R², also for rows from before

@@ -33,11 +33,6 @@ class Job:
     command: str
     stage: str = "student"
     source: str | None = None  # a student's privileged source, when it has a teacher
-    teacher_hash: str | None = None  # and the training hash of that teacher
-
-    def record(self) -> dict[str, str]:
-        """What the ablation writes into the run's TIMING file beside its seconds."""
-        return {"teacher_hash": self.teacher_hash} if self.teacher_hash else {}
 
 
 def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
@@ -54,7 +49,7 @@ def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
 
 def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
     """The config hash of what a training run depends on: everything but the ``ablate`` section,
-    and the ``teacher`` section for a student (``student`` for a teacher).
+    the ``teacher`` section for a student (``student`` for a teacher) and ``train.save_every``.
 
     A written config (a dict) is read by this version first (fields added since take their
     defaults: :func:`~synesthesia.config.written_config`); None when it no longer reads.
@@ -68,6 +63,7 @@ def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
     # a student reads no teacher section (its teacher is a trained run: the ablation checks that
     # run's own hash) and a teacher no student section
     data.pop("teacher" if cfg.train.stage == "student" else "student", None)
+    data["train"].pop("save_every", None)  # how often it checkpoints: resuming is exact, the run the same
     return config_hash(data)
 
 
