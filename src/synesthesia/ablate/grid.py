@@ -59,7 +59,6 @@ class Cell:
 def expand(cfg: AblateConfig) -> list[Cell]:
     """The cells of a grid, in a fixed order (methods, then sources, then seeds)."""
     for source in cfg.sources:
-        source_kind(source)
         if source != source_kind(source) and source not in cfg.generators:
             raise UserError(
                 f"source {source!r} is labelled: give its generators as ablate.generators.{source}"

@@ -17,7 +17,6 @@ import math
 from typing import TYPE_CHECKING
 
 from synesthesia.ablate.grid import append_row
-from synesthesia.ablate.runs import _finished
 from synesthesia.config import MethodConfig, PipelineConfig, to_dict
 
 if TYPE_CHECKING:
@@ -55,7 +54,6 @@ def tune_kd(ablation: Ablation, source, done, costs, teachers, tick):
     pending = [g for g in ablation.grid if ablation.tune_cell_name(source, g) not in done]
     jobs = [ablation.student_job("kd", source, seed, g) for g in pending]
     grid_of = {job.name: g for job, g in zip(jobs, pending, strict=True)}
-    fresh = {job.name for job in jobs if _finished(ablation.runs / ablation.cfg.name / job.name) is None}
 
     def tuned(job, result) -> None:
         g = grid_of[job.name]
@@ -75,10 +73,8 @@ def tune_kd(ablation: Ablation, source, done, costs, teachers, tick):
             **row,
         }
         done[name] = append_row(ablation.out, full)
-        if job.name in fresh:
-            tick(job.name)
 
-    ablation.run_jobs(jobs, tuned)
+    ablation.run_jobs(jobs, tuned, tick)
     rows = [{**done[ablation.tune_cell_name(source, g)], "cell": g.name} for g in ablation.grid]
     selection = select_best(ablation.grid, rows, metric="val_acc")
     best = selection.best

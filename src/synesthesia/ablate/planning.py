@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from synesthesia.ablate.grid import Cell, read_results
 from synesthesia.ablate.kd_tuning import tune_seed
-from synesthesia.ablate.runs import TIMING, _finished
+from synesthesia.ablate.reuse import read_timing
+from synesthesia.ablate.runs import _finished
 from synesthesia.ablate.stage_one_sets import sidecar_dirs
 from synesthesia.config import replace
 
@@ -84,13 +85,7 @@ def measured_speed(runs: Path, kind: str) -> dict[str, tuple[float, int]]:
 
 def _shared_with_others(run: Path) -> bool:
     """Whether the ablation trained ``run`` beside other runs (``--jobs``: its speed is not one run's)."""
-    from synesthesia.shards.schema import read_json_file
-
-    try:
-        timing = read_json_file(run / TIMING, TIMING) if (run / TIMING).is_file() else {}
-        jobs = timing.get("jobs", 1) if isinstance(timing, dict) else 1
-    except Exception:  # noqa: BLE001 - unreadable is unknown: count the run
-        return False
+    jobs = read_timing(run).get("jobs", 1)
     return isinstance(jobs, int) and jobs > 1
 
 
@@ -168,12 +163,10 @@ def plan(ablation: Ablation) -> Plan:
     todo_cells = [c for c in ablation.cells if c.name not in done]
 
     def trains(c: Cell) -> bool:
-        if (
-            c.method == "kd"
-        ):  # its run's name holds the setting tuning selects; at the tune seed it is a tuning run
+        if c.method == "kd":  # its run is named by the setting tuning selects; at the tune seed, a tuning run
             return not (ablation.tuned and c.seed == tune_seed(ablation.cfg))
         # a run another results folder's grid finished (a sweep sharing the runs) is reused, not trained
-        return _finished(ablation.runs / ablation.cfg.name / c.name) is None
+        return _finished(ablation.run_folder(c.name)) is None
 
     todo_students = tune_todo + sum(1 for c in todo_cells if trains(c))
     estimate += student_s * todo_students

@@ -175,8 +175,12 @@ class Ablation:
         ]
         return Job(name, over, self._command("train", over, self.runs), stage="teacher")
 
+    def run_folder(self, name: str) -> Path:
+        """Where the run named ``name`` (a job's name) lives: ``<runs>/<pipeline name>/<name>``."""
+        return self.runs / self.cfg.name / name
+
     def teacher_run(self, source: str) -> Path:
-        return self.runs / self.cfg.name / self.teacher_job(source).name
+        return self.run_folder(self.teacher_job(source).name)
 
     def student_job(self, method: str, source: str, seed: int, kd=None) -> Job:
         name = f"{method}-{source}-s{seed}" + (f"-{kd.name}" if kd is not None else "")
@@ -281,38 +285,48 @@ class Ablation:
             "stage1_command": (ledger.get("commands") or {}).get(source, ""),
         }
 
-    def run_jobs(self, jobs: list[Job], on_done: Callable[[Job, dict[str, Any]], None]) -> None:
+    def run_jobs(
+        self,
+        jobs: list[Job],
+        on_done: Callable[[Job, dict[str, Any]], None],
+        tick: Callable[[str], None] | None = None,
+    ) -> None:
         """Train (or reuse) every job; ``on_done(job, result)`` is called in this process as each
-        finishes (:meth:`run_job`'s result). One at a time, or with ``--jobs`` up to that many at
-        once, each as the ``synesthesia train`` process its command names."""
+        finishes (:meth:`run_job`'s result), then ``tick(name)`` for each one trained here. One at
+        a time, or with ``--jobs`` up to that many at once, each as the ``synesthesia train``
+        process its command names."""
+        fresh = {job.name for job in jobs if _finished(self.run_folder(job.name)) is None}
+
+        def done(job: Job, result: dict[str, Any]) -> None:
+            on_done(job, result)
+            if tick is not None and job.name in fresh:
+                tick(job.name)
+
         if self.pool is None:
             for job in jobs:
-                on_done(job, self.run_job(job))
+                done(job, self.run_job(job))
             return
-        todo = []
         for job in jobs:
-            if _finished(self.runs / self.cfg.name / job.name) is None:
-                todo.append(job)
-            else:
-                on_done(job, self.run_job(job))
-        by_name = {job.name: job for job in todo}
+            if job.name not in fresh:
+                done(job, self.run_job(job))
+        by_name = {job.name: job for job in jobs if job.name in fresh}
 
-        def finished(task: Task, seconds: float) -> None:
+        def trained(task: Task, seconds: float) -> None:
             job = by_name[task.name]
-            run = self.runs / self.cfg.name / job.name
+            run = self.run_folder(job.name)
             if _finished(run) is None:
                 raise UserError(f"training {job.name} exited 0 but left no finished run in {run}")
             record = {"seconds": seconds, "jobs": self.pool.jobs, **self._record(job)}
             atomic_write_text(run / TIMING, json.dumps(record) + "\n")
-            on_done(job, self.run_job(job))
+            done(job, self.run_job(job))
 
-        self.pool.run([self._task(job) for job in todo], finished)
+        self.pool.run([self._task(job) for job in by_name.values()], trained)
 
     def _task(self, job: Job) -> Task:
         """The process that trains ``job``: the command of its row (resuming a killed run)."""
         import sys
 
-        run = self.runs / self.cfg.name / job.name
+        run = self.run_folder(job.name)
         words = [*self.user_overrides, *job.overrides, "--out", str(self.runs)]
         if (run / "checkpoints" / "latest").is_file():
             words += ["--resume", "latest"]
@@ -448,14 +462,11 @@ class Ablation:
                 }
             else:
                 cell_done(job, result)
-            if job.name in fresh:
-                tick(job.name)
 
         # 1. the teachers, and beside them the cells that need none (ce)
         jobs = [self.teacher_job(source) for source in self.sources]
         jobs += cell_jobs([c for c in self.cells_by_seed(done) if c.source == "none"])
-        fresh = {job.name for job in jobs if _finished(self.runs / self.cfg.name / job.name) is None}
-        self.run_jobs(jobs, finished)
+        self.run_jobs(jobs, finished, tick)
         drop_stale(self, done)  # with the teachers trained: rows distilled from another teacher go
 
         # 2. tuned KD, per source
@@ -468,8 +479,7 @@ class Ablation:
 
         # 3. the other cells
         jobs = cell_jobs([c for c in self.cells_by_seed(done) if c.source != "none"])
-        fresh = {job.name for job in jobs if _finished(self.runs / self.cfg.name / job.name) is None}
-        self.run_jobs(jobs, finished)
+        self.run_jobs(jobs, finished, tick)
         complete_rows(self, done)  # teacher reliance and MESSy heads' R², also for rows from before
         runs_done.close()
         path = self.report()

@@ -60,8 +60,8 @@ def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
             return None
     data = to_dict(comparable(cfg))
     data.pop("ablate", None)
-    # a student reads no teacher section (its teacher is a trained run: the ablation checks that
-    # run's own hash) and a teacher no student section
+    # a student reads no teacher section (its teacher is a trained run, which the ablation
+    # identifies by its weights: ablate/reuse.py) and a teacher no student section
     data.pop("teacher" if cfg.train.stage == "student" else "student", None)
     data["train"].pop("save_every", None)  # how often it checkpoints: resuming is exact, the run the same
     return config_hash(data)
