@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synesthesia import UserError
 from synesthesia.ablate.grid import append_row
+from synesthesia.ablate.stats import pct
 
 if TYPE_CHECKING:
     from synesthesia.ablate.runner import Ablation
@@ -112,19 +112,15 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
         heads = "; ".join(
             f"{head} {sum(v) / len(v):.2f} [{min(v):.2f}, {max(v):.2f}]" for head, v in sorted(r2.items())
         )
-        lines.append(f"| {source} | {_pct(report.get('full'))} | {removed} | {shuffled} | {heads or '–'} |")
+        lines.append(f"| {source} | {pct(report.get('full'))} | {removed} | {shuffled} | {heads or '–'} |")
     return lines
 
 
 def _condition(report: dict[str, float], prefix: str) -> str:
     """``depth 39.12`` for each modality of a condition (``removed/all`` left out)."""
     parts = [
-        f"{key.removeprefix(prefix)} {_pct(v)}"
+        f"{key.removeprefix(prefix)} {pct(v)}"
         for key, v in sorted(report.items())
         if key.startswith(prefix) and key != f"{prefix}all"
     ]
     return ", ".join(parts) or "–"
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"

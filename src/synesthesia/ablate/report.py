@@ -28,6 +28,7 @@ from synesthesia.ablate.stats import (
     PairedDifference,
     mean_interval,
     paired_difference,
+    pct,
     wilson_interval,
 )
 from synesthesia.utils import atomic_write_text
@@ -122,10 +123,6 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def _pct(x: float) -> str:
-    return "–" if math.isnan(x) else f"{100 * x:.2f}"
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -250,7 +247,7 @@ def summary_markdown(
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary:
-        acc = f"{_pct(row['test_mean'])} [{_pct(row['test_low'])}, {_pct(row['test_high'])}]"
+        acc = f"{pct(row['test_mean'])} [{pct(row['test_low'])}, {pct(row['test_high'])}]"
         rank = ranked.get(row["source"])
         if rank is not None and rank["bold"] and rank["best"] == row["method"]:
             acc = f"**{acc}**"
@@ -258,8 +255,8 @@ def summary_markdown(
         if "kd_alpha" in row:
             method = f"{method} (α={row['kd_alpha']:g}, T={row['kd_temperature']:g})"
         lines.append(
-            f"| {method} | {row['source']} | {row['n']} | {acc} | {_pct(row['test_std'])} | "
-            f"{_pct(row['val_mean'])} | {_pct(row['teacher_acc'])} | {_fmt(row['gap_closed'], '.2f')} | "
+            f"| {method} | {row['source']} | {row['n']} | {acc} | {pct(row['test_std'])} | "
+            f"{pct(row['val_mean'])} | {pct(row['teacher_acc'])} | {_fmt(row['gap_closed'], '.2f')} | "
             f"{_fmt(row['stage1_s_per_sample'], '.4f')} | {_fmt(row['stage1_bytes_per_sample'], '.0f')} | "
             f"{_fmt(row['train_seconds'], '.1f')} | {_fmt(row['samples_per_s'], '.1f')} | "
             f"{_fmt(row.get('total_seconds', math.nan), '.0f')} |"
@@ -303,8 +300,8 @@ def summary_markdown(
         ]
         for r in tune:
             lines.append(
-                f"| {r['source']} | {r['kd_alpha']:g} | {r['kd_temperature']:g} | {_pct(_num(r['val_acc']))} | "
-                f"{_pct(_num(r['test_acc']))} | {_fmt(_num(r['train_seconds']), '.1f')} | `{r['command']}` |"
+                f"| {r['source']} | {r['kd_alpha']:g} | {r['kd_temperature']:g} | {pct(_num(r['val_acc']))} | "
+                f"{pct(_num(r['test_acc']))} | {_fmt(_num(r['train_seconds']), '.1f')} | `{r['command']}` |"
             )
         by_source: dict[str, float] = defaultdict(float)
         for r in tune:

@@ -140,3 +140,8 @@ def wilson_interval(correct_fraction: float, n: int, confidence: float = 0.95) -
     centre = (p + z2n / 2) / (1 + z2n)
     half = z * math.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n, confidence)
+
+
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with two decimals, for the tables; – for none or NaN."""
+    return "–" if x is None or math.isnan(x) else f"{100 * x:.2f}"
