@@ -9,6 +9,7 @@ from synesthesia.ablate.grid import (
     Cell,
     append_result,
     expand,
+    method_kind,
     pending,
     read_results,
     source_kind,
@@ -39,6 +40,9 @@ def test_grid_expansion_crosses_methods_sources_seeds():
         (AblateConfig(sources=["none@x"]), "unknown privileged source"),
         (AblateConfig(sources=["latent@"]), "unknown privileged source"),
         (AblateConfig(sources=["latent@weak"]), "give its generators as ablate.generators.latent@weak"),
+        (AblateConfig(methods=["ce", "messy@w0.1"]), "give its settings as ablate.variants.messy@w0.1"),
+        (AblateConfig(methods=["ce", "messy@W1"], variants={"messy@W1": {}}), "labelled method"),
+        (AblateConfig(methods=["ce", "ce"]), "ablate.methods has duplicates"),
     ],
 )
 def test_grid_mistakes(cfg, message):
@@ -98,6 +102,22 @@ def test_labelled_sources_are_their_own_cells_and_teachers():
     ]
     assert teacher_sources(cells) == ["latent", "latent@weak"]
     assert source_kind("latent@weak") == "latent" and source_kind("real") == "real"
+
+
+def test_labelled_methods_are_their_own_cells_and_a_ce_variant_runs_without_privileged_data():
+    cfg = AblateConfig(
+        methods=["ce", "messy", "messy@w0.1", "ce@ls"],
+        sources=["none", "latent"],
+        seeds=[0],
+        variants={"messy@w0.1": {"weight": 0.1}, "ce@ls": {"options": {"label_smoothing": 0.1}}},
+    )
+    assert [c.name for c in expand(cfg)] == [
+        "ce-none-s0",
+        "messy-latent-s0",
+        "messy@w0.1-latent-s0",
+        "ce@ls-none-s0",
+    ]
+    assert method_kind("messy@w0.1") == "messy" and method_kind("kd") == "kd"
 
 
 def test_aggregate_puts_a_labelled_source_after_its_kind():
@@ -211,3 +231,7 @@ def test_findings_tabulate_teacher_reliance_and_heads_r2_per_source():
     assert "| real | 90.00 | depth 30.00 | – | – |" in lines
     assert not any("| none |" in line for line in lines)
     assert findings_lines([{"method": "ce", "source": "none", "seed": 0}]) == []
+    # a MESSy variant beside messy: each method's heads apart, named
+    variant = {**rows[1], "method": "messy@w0.1", "heads_r2": {"l3/depth": 0.2}}
+    line = next(x for x in findings_lines([*rows, variant]) if x.startswith("| latent |"))
+    assert line.endswith("| messy l3/depth 0.60 [0.50, 0.70]; messy@w0.1 l3/depth 0.20 [0.20, 0.20] |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -309,6 +310,61 @@ def test_a_labelled_source_reads_its_own_generators_set_and_pairs_with_ce(tmp_pa
     # another results folder over the same runs (a sweep sharing the main grid's) trains nothing again
     other = Ablation(cfg, path, shards=shards, runs=tmp_path / "runs", out=tmp_path / "other")
     assert "to do: 6 of 6 cells, 0 teacher(s), 0 tuning run(s) — 0 training runs" in other.plan().lines[-1]
+
+
+def test_method_variants_train_with_their_settings_and_pair_with_ce_and_tuned_kd(
+    tmp_path, shards, monkeypatch
+):
+    """messy@w0.1 (MESSy at a tenth of its weight) and kd@messy (MESSy's α, T without the heads):
+    their own runs, with their fields in the command, compared in summary.md like any method."""
+    cfg, path = tiny_pipeline(
+        tmp_path,
+        methods=["ce", "kd", "messy", "messy@w0.1", "kd@messy"],
+        sources=["latent"],
+        seeds=[0, 1],
+        variants={"messy@w0.1": {"weight": 0.1}, "kd@messy": {"alpha": 0.25, "temperature": 2.0}},
+    )
+    monkeypatch.setattr("synesthesia.stage_one.run_stage_one", fake_stage_one([]))
+    calls = []
+    monkeypatch.setattr(
+        "synesthesia.train.loop.train", fake_train(calls, test_of=lambda c: c.method.weight or 0.5)
+    )
+    out = tmp_path / "results"
+    Ablation(cfg, path, shards=shards, runs=tmp_path / "runs", out=out).run()
+    rows = read_results(out)
+    words = shlex.split(rows["messy@w0.1-latent-s1"]["command"])
+    assert "method.name=messy" in words and "method.weight=0.1" in words
+    assert "train.run_name=messy@w0.1-latent-s1" in words
+    assert rows["messy@w0.1-latent-s1"]["test_acc"] == 0.1  # trained with its weight
+    kd_messy = rows["kd@messy-latent-s0"]
+    assert "kd_alpha" not in kd_messy  # a labelled kd is not tuned: its variant's α and T
+    assert {"method.alpha=0.25", "method.temperature=2.0"} <= set(shlex.split(kd_messy["command"]))
+    assert "tune_runs" in rows["kd-latent-s0"]
+    text = (out / "summary.md").read_text()
+    assert "| messy@w0.1 | latent | 2 |" in text and "| kd@messy | latent | 2 |" in text
+    # a changed variant never reuses the old variant's runs: their folders are refused by name
+    changed = replace(
+        cfg,
+        ['ablate.variants={"messy@w0.1": {"weight": 0.2}, "kd@messy": {"alpha": 0.25, "temperature": 2.0}}'],
+    )
+    with pytest.raises(UserError, match="messy@w0.1-latent-s0.*another config"):
+        Ablation(changed, path, shards=shards, runs=tmp_path / "runs", out=out).run()
+
+
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        ({"messy": {"weight": 0.1}}, "variants are labelled methods"),
+        ({"messy@w": {"wieght": 0.1}}, "unknown method field(s) wieght"),
+        ({"messy@w": {"name": "kd"}}, "unknown method field(s) name"),
+        ({"messy@w": {"alpha": 2.0}}, "outside [0, 1]"),
+        ({"nope@w": {}}, "unknown method 'nope@w'"),
+    ],
+)
+def test_variant_mistakes_are_refused_up_front(tmp_path, variants, message):
+    cfg, path = tiny_pipeline(tmp_path, methods=["ce", *variants], sources=["latent"], variants=variants)
+    with pytest.raises(UserError, match=re.escape(message)):
+        Ablation(cfg, path)
 
 
 def test_two_sources_writing_one_set_with_different_generators_are_refused(tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synesthesia import UserError
-from synesthesia.ablate.grid import append_row
+from synesthesia.ablate.grid import append_row, method_kind
 from synesthesia.ablate.stats import pct
 
 if TYPE_CHECKING:
@@ -65,7 +65,11 @@ def complete_rows(ablation: Ablation, done: dict[str, dict[str, Any]]) -> None:
             report = teacher_robustness(row.get("teacher_run"))
             if report is not None:
                 update["teacher_robustness"] = report
-        if row.get("method") == "messy" and "heads_r2" not in row and Path(row.get("run", "")).is_dir():
+        if (
+            method_kind(row.get("method", "")) == "messy"
+            and "heads_r2" not in row
+            and Path(row.get("run", "")).is_dir()
+        ):
             logger.info("heads' R² on val of %s", name)
             try:
                 update["heads_r2"] = heads_r2(row["run"], ablation.shards)
@@ -84,10 +88,10 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     table = []
     for source, members in by_source.items():
         report = next((r["teacher_robustness"] for r in members if r.get("teacher_robustness")), None)
-        r2: dict[str, list[float]] = defaultdict(list)
+        r2: dict[tuple[str, str], list[float]] = defaultdict(list)  # (method, head) -> over seeds
         for r in members:
             for head, value in (r.get("heads_r2") or {}).items():
-                r2[head].append(float(value))
+                r2[(r["method"], head)].append(float(value))
         if report is None and not r2:
             continue
         table.append((source, report or {}, r2))
@@ -109,8 +113,10 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     for source, report, r2 in table:
         removed = _condition(report, "removed/")
         shuffled = _condition(report, "shuffled/")
+        named = len({method for method, _ in r2}) > 1  # variants (messy@w0.1) beside messy: say whose
         heads = "; ".join(
-            f"{head} {sum(v) / len(v):.2f} [{min(v):.2f}, {max(v):.2f}]" for head, v in sorted(r2.items())
+            f"{f'{method} ' if named else ''}{head} {sum(v) / len(v):.2f} [{min(v):.2f}, {max(v):.2f}]"
+            for (method, head), v in sorted(r2.items())
         )
         lines.append(f"| {source} | {pct(report.get('full'))} | {removed} | {shuffled} | {heads or '–'} |")
     return lines

@@ -11,6 +11,13 @@ A source is one of :data:`SOURCES`, or a *labelled* one, ``<kind>@<label>``
 in ``ablate.generators["latent@weak"]``. Labelled sources put several
 generators in one grid (a generator-quality sweep), sharing the ``ce`` cells
 and paired with them by seed.
+
+A method is a registered student method, or a *labelled* one,
+``<method>@<label>`` (``messy@w0.1``): that method with the method-section
+fields given in ``ablate.variants["messy@w0.1"]`` (``{weight: 0.1}``) in place
+of the pipeline's. Variants put a method's settings side by side in one grid,
+paired by seed with ``ce`` and tuned KD. A labelled ``kd`` is not tuned: it
+trains with its variant's α and T at every seed.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from synesthesia.config import AblateConfig
 
 SOURCES = ("none", "decoded", "latent", "real")
 RESULTS = "results.jsonl"
-LABEL = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+LABEL = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 
 
 def source_kind(source: str) -> str:
@@ -38,7 +45,21 @@ def source_kind(source: str) -> str:
     if kind not in SOURCES or (at and (kind == "none" or not LABEL.fullmatch(label))):
         raise UserError(
             f"unknown privileged source {source!r}; valid: {', '.join(SOURCES)}, or <kind>@<label> "
-            "with a lowercase label of letters, digits, _ and - (e.g. latent@weak)"
+            "with a lowercase label of letters, digits, _, . and - (e.g. latent@weak)"
+        )
+    return kind
+
+
+def method_kind(method: str) -> str:
+    """``messy`` for ``messy`` and ``messy@w0.1``: the registered method a grid method trains.
+
+    A label that is not a short lowercase word is a one-line error (the registry checks the name).
+    """
+    kind, at, label = str(method).partition("@")
+    if at and not LABEL.fullmatch(label):
+        raise UserError(
+            f"method {method!r}: a labelled method is <method>@<label> with a lowercase label of "
+            "letters, digits, _, . and - (e.g. messy@w0.1)"
         )
     return kind
 
@@ -63,15 +84,20 @@ def expand(cfg: AblateConfig) -> list[Cell]:
             raise UserError(
                 f"source {source!r} is labelled: give its generators as ablate.generators.{source}"
             )
-    if len(set(cfg.sources)) != len(cfg.sources):
-        raise UserError(f"ablate.sources has duplicates: {cfg.sources}")
+    for method in cfg.methods:
+        if method != method_kind(method) and method not in cfg.variants:
+            raise UserError(
+                f"method {method!r} is labelled: give its settings as ablate.variants.{method} "
+                "(e.g. {weight: 0.1})"
+            )
     if not cfg.seeds:
         raise UserError("ablate.seeds is empty")
-    if len(set(cfg.seeds)) != len(cfg.seeds):
-        raise UserError(f"ablate.seeds has duplicates: {cfg.seeds}")
+    for name, seq in (("methods", cfg.methods), ("sources", cfg.sources), ("seeds", cfg.seeds)):
+        if len(set(seq)) != len(seq):
+            raise UserError(f"ablate.{name} has duplicates: {seq}")
     cells = []
     for method in cfg.methods:
-        sources = ["none"] if method == "ce" else [s for s in cfg.sources if s != "none"]
+        sources = ["none"] if method_kind(method) == "ce" else [s for s in cfg.sources if s != "none"]
         for source in sources:
             for seed in cfg.seeds:
                 cells.append(Cell(method, source, seed))

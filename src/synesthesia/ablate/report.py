@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from synesthesia.ablate.findings import findings_lines
+from synesthesia.ablate.grid import method_kind
 from synesthesia.ablate.stats import (
     A_BETTER,
     B_BETTER,
@@ -429,20 +430,21 @@ def write_plots(out_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
 
-    curves = [r for r in cells(rows) if r["method"] == "messy" and r.get("loss_curves")]
+    curves = [r for r in cells(rows) if method_kind(r["method"]) == "messy" and r.get("loss_curves")]
     if curves:
-        # one panel per source; each layer/modality term averaged over seeds (to the shortest run)
-        panels = list(dict.fromkeys(r["source"] for r in curves))
+        # one panel per MESSy method (variants apart) and source; each layer/modality term averaged
+        # over seeds (to the shortest run)
+        panels = list(dict.fromkeys((r["method"], r["source"]) for r in curves))
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
-        for ax, source in zip(axes[0], panels, strict=True):
-            members = [r for r in curves if r["source"] == source]
+        for ax, (method, source) in zip(axes[0], panels, strict=True):
+            members = [r for r in curves if (r["method"], r["source"]) == (method, source)]
             terms = sorted({t for r in members for t in r["loss_curves"] if t.startswith("messy/")})
             for term in terms:
                 series = [r["loss_curves"][term] for r in members if r["loss_curves"].get(term)]
                 length = min(len(v) for v in series)
                 mean = [sum(v[k] for v in series) / len(series) for k in range(length)]
                 ax.plot(mean, label=term.removeprefix("messy/"), linewidth=1.0)
-            ax.set_title(f"source {source} ({len(members)} seeds)")
+            ax.set_title(f"{method}, source {source} ({len(members)} seeds)")
             ax.set_xlabel("logged step")
             ax.set_yscale("log")
             ax.legend(fontsize=7)

@@ -48,6 +48,7 @@ estimate of its time) and :mod:`~synesthesia.ablate.report` (step 6).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shlex
@@ -60,7 +61,15 @@ from typing import Any
 from synesthesia import UserError
 from synesthesia.ablate import planning
 from synesthesia.ablate.findings import complete_rows
-from synesthesia.ablate.grid import Cell, append_row, expand, read_results, source_kind, teacher_sources
+from synesthesia.ablate.grid import (
+    Cell,
+    append_row,
+    expand,
+    method_kind,
+    read_results,
+    source_kind,
+    teacher_sources,
+)
 from synesthesia.ablate.kd_tuning import kd_grid, tune_kd, tune_seed
 from synesthesia.ablate.parallel import Task, TrainPool
 from synesthesia.ablate.planning import Plan
@@ -76,7 +85,15 @@ from synesthesia.ablate.runs import (
     training_hash,
 )
 from synesthesia.ablate.stage_one_sets import data_overrides, sidecar_dirs, stage_one_overrides
-from synesthesia.config import PipelineConfig, config_hash, replace
+from synesthesia.config import (
+    MethodConfig,
+    PipelineConfig,
+    build,
+    check_section,
+    config_hash,
+    replace,
+    to_dict,
+)
 from synesthesia.progress import progress
 from synesthesia.utils import atomic_write_text
 
@@ -89,17 +106,22 @@ def _check(cfg: PipelineConfig) -> list[Cell]:
     from synesthesia.methods import METHODS
 
     cells = expand(cfg.ablate)
-    for method in cfg.ablate.methods:
-        if method not in METHODS.names():
+    for method in (*cfg.ablate.methods, *cfg.ablate.variants):
+        kind = method_kind(method)
+        if kind not in METHODS.names():
             raise UserError(
                 f"unknown method {method!r} in ablate.methods; valid: {', '.join(METHODS.names())}"
             )
-        if getattr(METHODS.get(method), "stage", "student") == "teacher":
+        if getattr(METHODS.get(kind), "stage", "student") == "teacher":
             raise UserError(
                 f"{method!r} is a teacher objective; ablate.methods lists student methods "
                 "(train a teacher with it and set train.teacher to compare its students)"
             )
-    if not any(s != "none" for s in cfg.ablate.sources) and any(m != "ce" for m in cfg.ablate.methods):
+    for method, fields in cfg.ablate.variants.items():
+        variant_overrides(cfg, method, fields)
+    if not any(s != "none" for s in cfg.ablate.sources) and any(
+        method_kind(m) != "ce" for m in cfg.ablate.methods
+    ):
         raise UserError(
             "ablate.sources has no privileged source (decoded, latent, real) for the non-ce methods"
         )
@@ -112,6 +134,28 @@ def _check(cfg: PipelineConfig) -> list[Cell]:
     if "kd" in cfg.ablate.methods:
         kd_grid(cfg)
     return cells
+
+
+def variant_overrides(cfg: PipelineConfig, method: str, fields: dict[str, Any]) -> list[str]:
+    """The ``method.*`` overrides of the labelled method ``method`` (``ablate.variants[method]``),
+    checked: a label, fields of the method section other than ``name``, values of their types."""
+    if method == method_kind(method):
+        raise UserError(
+            f"ablate.variants.{method}: variants are labelled methods (<method>@<label>, e.g. "
+            f"{method}@w0.1); the plain method takes the pipeline's `method` section"
+        )
+    known = {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UserError(
+            f"ablate.variants.{method}: unknown method field(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(known))}"
+        )
+    check_section(
+        build(MethodConfig, {**to_dict(cfg.method), **fields}, f"ablate.variants.{method}"),
+        f"ablate.variants.{method}",
+    )
+    return [f"method.{key}={json.dumps(value)}" for key, value in sorted(fields.items())]
 
 
 def _check_distinct_sets(cfg: PipelineConfig) -> None:
@@ -186,7 +230,8 @@ class Ablation:
         name = f"{method}-{source}-s{seed}" + (f"-{kd.name}" if kd is not None else "")
         over = [
             "train.stage=student",
-            f"method.name={method}",
+            f"method.name={method_kind(method)}",
+            *(variant_overrides(self.cfg, method, self.cfg.ablate.variants[method]) if "@" in method else []),
             *data_overrides(self.cfg, source),
             f"train.seed={seed}",
             f"train.run_name={name}",
@@ -436,7 +481,7 @@ class Ablation:
         def cell_done(job: Job, result: dict[str, Any]) -> None:
             cell = cell_of[job.name]
             kd = selected.get(cell.source) if cell.method == "kd" else None
-            row = self._row(job, result, curves=cell.method == "messy")
+            row = self._row(job, result, curves=method_kind(cell.method) == "messy")
             row.update(costs[cell.source])
             row.update(teachers.get(cell.source, {"teacher_acc": None, "teacher_seconds": 0.0}))
             if kd is not None:

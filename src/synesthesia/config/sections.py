@@ -244,6 +244,9 @@ class AblateConfig:
     # stage-one generators per privileged source; a source left out gets: latent -> shard.generators,
     # decoded -> shard.generators with shard.decode: true, real -> tae over each of train.modalities
     generators: dict[str, list[GeneratorConfig]] = field(default_factory=dict)
+    # method-section fields per labelled method (``messy@w0.1: {weight: 0.1}``), in place of the
+    # pipeline's `method` fields of those names; a labelled kd trains with its own α and T (not tuned)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     kd_alphas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
     kd_temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     tune_seed: int | None = None  # the seed the KD grid is trained at; None: the first of seeds
