@@ -173,6 +173,22 @@ def test_summary_paired_differences_noisy_method_is_not_distinguishable():
     assert "so no cell of this source is in bold" in text
 
 
+def test_summary_compares_a_method_variant_with_its_method_too():
+    """messy@w0.1 − messy per seed: −10, −8, −12 points: −10.00 [−14.97, −5.03]."""
+    variant = [
+        {
+            **r,
+            "method": "messy@w0.1",
+            "test_acc": r["test_acc"] - 0.10 + 0.02 * (r["seed"] == 1) - 0.02 * (r["seed"] == 2),
+        }
+        for r in fake_rows()
+        if r["method"] == "messy"
+    ]
+    text = summary_markdown(aggregate([*fake_rows(), *variant]), "t")
+    assert "| messy@w0.1 | latent | messy | −10.00 [−14.97, −5.03] | 3 | messy better |" in text
+    assert "| messy@w0.1 | latent | tuned kd |" in text and "| messy | latent | messy |" not in text
+
+
 def test_summary_bolds_best_only_when_distinguishable_from_runner_up():
     rows = [
         {**r, "test_acc": r["test_acc"] + 0.10} if r["method"] == "messy" else r for r in fake_rows()

@@ -157,9 +157,10 @@ def _verdict(d: PairedDifference, a: str, b: str) -> str:
 
 def paired_comparisons(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each (method, source) of :func:`aggregate` against ``ce`` (source none) and against tuned
-    ``kd`` at its own source, paired by seed; the baseline and kd against itself are skipped.
+    ``kd`` at its own source, paired by seed; the baseline and kd against itself are skipped. A
+    labelled method (``messy@w0.1``) is also compared with its unlabelled one (``messy``) there.
 
-    Each comparison: method, source, against (``ce`` or ``kd``), label (how the reference is
+    Each comparison: method, source, against (``ce``, ``kd`` or the unlabelled method), label (how the reference is
     named in the report) and difference (a :class:`~synesthesia.ablate.stats.PairedDifference`
     of method − reference test accuracy).
     """
@@ -169,7 +170,11 @@ def paired_comparisons(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (row["method"], row["source"])
         if key == BASELINE:
             continue
-        for reference, label in ((BASELINE, "ce (none)"), (("kd", row["source"]), "tuned kd")):
+        references = [(BASELINE, "ce (none)"), (("kd", row["source"]), "tuned kd")]
+        kind = method_kind(row["method"])
+        if kind != row["method"] and kind != "kd":  # a variant against the method it varies
+            references.append(((kind, row["source"]), kind))
+        for reference, label in references:
             if reference == key or reference not in by_key:
                 continue
             difference = paired_difference(row["test_by_seed"], by_key[reference]["test_by_seed"])
