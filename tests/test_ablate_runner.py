@@ -417,6 +417,14 @@ def test_demo_scale_pipeline_reuses_the_demo_and_fits_the_budget(tmp_path):
     plan = Ablation(cfg, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).plan()
     assert len(plan.cells) == 35 and len(plan.teachers) == 3
     assert plan.estimate_s <= 13 * 3600
+    # the MESSy-weight variants its comments give the command for
+    weights = replace(
+        cfg, ["ablate.sources=[none,latent]", "ablate.methods=[ce,kd,messy,messy@w0.1,kd@messy]"]
+    )
+    job = Ablation(weights, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).student_job(
+        "messy@w0.1", "latent", 0
+    )
+    assert "method.weight=0.1" in job.overrides and "method.name=messy" in job.overrides
     full = load_pipeline(root / "ablation-scenes-full.yaml")
     assert len(Ablation(full, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).cells) >= 3 * 5
 
