@@ -160,9 +160,9 @@ def paired_comparisons(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ``kd`` at its own source, paired by seed; the baseline and kd against itself are skipped. A
     labelled method (``messy@w0.1``) is also compared with its unlabelled one (``messy``) there.
 
-    Each comparison: method, source, against (``ce``, ``kd`` or the unlabelled method), label (how the reference is
-    named in the report) and difference (a :class:`~synesthesia.ablate.stats.PairedDifference`
-    of method − reference test accuracy).
+    Each comparison: method, source, against (``ce``, ``kd`` or the unlabelled method), label (how
+    the reference is named in the report) and difference (a
+    :class:`~synesthesia.ablate.stats.PairedDifference` of method − reference test accuracy).
     """
     by_key = {(r["method"], r["source"]): r for r in summary}
     out = []
@@ -172,7 +172,7 @@ def paired_comparisons(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         references = [(BASELINE, "ce (none)"), (("kd", row["source"]), "tuned kd")]
         kind = method_kind(row["method"])
-        if kind != row["method"] and kind != "kd":  # a variant against the method it varies
+        if kind != row["method"] and kind != "kd":  # a variant against the method it varies (kd: above)
             references.append(((kind, row["source"]), kind))
         for reference, label in references:
             if reference == key or reference not in by_key:
