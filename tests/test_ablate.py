@@ -251,3 +251,24 @@ def test_findings_tabulate_teacher_reliance_and_heads_r2_per_source():
     variant = {**rows[1], "method": "messy@w0.1", "heads_r2": {"l3/depth": 0.2}}
     line = next(x for x in findings_lines([*rows, variant]) if x.startswith("| latent |"))
     assert line.endswith("| messy l3/depth 0.60 [0.50, 0.70]; messy@w0.1 l3/depth 0.20 [0.20, 0.20] |")
+
+
+def test_logged_span_leaves_out_restarts_and_the_pauses_before_them(tmp_path):
+    from synesthesia.ablate.runs import _logged_span
+
+    def log(lines):
+        (tmp_path / "logs").mkdir(exist_ok=True)
+        (tmp_path / "logs" / "metrics.jsonl").write_text(
+            "\n".join(json.dumps({"step": s, "time": t, "train/loss": 1.0}) for s, t in lines) + "\n"
+        )
+
+    log([(1, 100.0), (2, 110.0), (3, 120.0)])
+    assert _logged_span(tmp_path) == 20.0
+    # killed at step 3 with no checkpoint, started again from scratch an hour later: 1-3 in 15 s
+    log([(1, 100.0), (2, 110.0), (3, 120.0), (1, 3700.0), (2, 3705.0), (3, 3715.0)])
+    assert _logged_span(tmp_path) == 15.0
+    # killed at step 5, resumed from the checkpoint at step 3: steps 1-3 of the first attempt count
+    log([(1, 0.0), (2, 10.0), (3, 20.0), (4, 30.0), (5, 40.0), (3, 500.0), (4, 505.0), (5, 510.0)])
+    assert _logged_span(tmp_path) == 20.0 + 10.0
+    log([(1, 0.0)])
+    assert math.isnan(_logged_span(tmp_path))

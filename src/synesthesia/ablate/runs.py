@@ -6,8 +6,8 @@ A :class:`Job` is a run's name, overrides and ``synesthesia train`` command
 reused (everything but the ``ablate`` section). From a run folder:
 :func:`_finished` (its metrics once it has a test accuracy), :func:`_acc`,
 :func:`loss_curves` (``loss`` and the MESSy terms from ``logs/metrics.jsonl``,
-thinned) and :func:`_logged_span` (seconds between its first and last log
-line, for runs trained before the ablation timed them in ``TIMING``).
+thinned) and :func:`_logged_span` (the seconds its log spans, restarts left
+out, for runs trained outside the ablation, which times its own in ``TIMING``).
 """
 
 from __future__ import annotations
@@ -115,5 +115,25 @@ def loss_curves(run: Path, points: int = CURVE_POINTS) -> dict[str, list[float]]
 
 
 def _logged_span(run: Path) -> float:
-    times = [float(r["time"]) for r in _log_lines(run) if "time" in r]
-    return max(times) - min(times) if len(times) > 1 else float("nan")
+    """Seconds the run's training took, from its log's times: for runs trained outside the ablation
+    (no ``TIMING``). A restart (from scratch, or resumed from a checkpoint) appends to the same log
+    with a smaller step; each attempt counts only up to the step the next one started from, so a
+    discarded attempt and the pause before the restart add nothing. NaN with fewer than two lines."""
+    lines = [
+        (int(r["step"]), float(r["time"]))
+        for r in _log_lines(run)
+        if "time" in r and r.get("step") is not None
+    ]
+    attempts: list[list[tuple[int, float]]] = []
+    for step, when in lines:
+        if not attempts or step < attempts[-1][-1][0]:
+            attempts.append([])
+        attempts[-1].append((step, when))
+    total, counted = 0.0, 0
+    for k, attempt in enumerate(attempts):
+        until = attempts[k + 1][0][0] if k + 1 < len(attempts) else attempt[-1][0]
+        kept = [when for step, when in attempt if step <= until]
+        if kept:
+            total += kept[-1] - kept[0]
+            counted += len(kept)
+    return total if counted > 1 else float("nan")
