@@ -117,8 +117,6 @@ def _check(cfg: PipelineConfig) -> list[Cell]:
                 f"{method!r} is a teacher objective; ablate.methods lists student methods "
                 "(train a teacher with it and set train.teacher to compare its students)"
             )
-    for method, fields in cfg.ablate.variants.items():
-        variant_overrides(cfg, method, fields)
     if not any(s != "none" for s in cfg.ablate.sources) and any(
         method_kind(m) != "ce" for m in cfg.ablate.methods
     ):
@@ -188,6 +186,8 @@ class Ablation:
         jobs: int = 1,
     ):
         self.cells = _check(cfg)
+        # each labelled method's checked `method.*` overrides, once (every job of the method adds them)
+        self.variants = {m: variant_overrides(cfg, m, f) for m, f in cfg.ablate.variants.items()}
         # --jobs N: the runs of a step train side by side, each as a `synesthesia train` process
         self.pool = TrainPool(jobs) if jobs > 1 else None
         self.shards, self.runs = Path(shards), Path(runs)
@@ -231,7 +231,7 @@ class Ablation:
         over = [
             "train.stage=student",
             f"method.name={method_kind(method)}",
-            *(variant_overrides(self.cfg, method, self.cfg.ablate.variants[method]) if "@" in method else []),
+            *self.variants.get(method, []),
             *data_overrides(self.cfg, source),
             f"train.seed={seed}",
             f"train.run_name={name}",
