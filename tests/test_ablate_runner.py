@@ -110,7 +110,7 @@ def test_tiny_grid_end_to_end(tmp_path, shards, monkeypatch):
     assert cells["kd-decoded-s0"]["stage1_s_per_sample"] == pytest.approx(0.2)  # generate + decode
     assert cells["kd-latent-s0"]["stage1_bytes_per_sample"] > 0
     # the KD cell at the tune seed is the selected tuning run, not a second training
-    selection = json.loads((out / "kd_selection.json").read_text())
+    selection = json.loads((out / "tuning.json").read_text())["kd"]
     for source in ("latent", "decoded"):
         chosen = selection[source]["selected"]
         assert cells[f"kd-{source}-s0"]["run"] == tune[f"tune/kd-{source}-s0-{chosen}"]["run"]
@@ -124,7 +124,7 @@ def test_tiny_grid_end_to_end(tmp_path, shards, monkeypatch):
     assert "heads_r2" not in cells["kd-latent-s1"]
 
     text = summary.read_text()
-    assert "| messy | latent | 2 |" in text and "## KD tuning" in text and "teacher (latent)" in text
+    assert "| messy | latent | 2 |" in text and "## Tuning" in text and "teacher (latent)" in text
     assert "## What the teacher relies on, and what the student can predict" in text
     for name in ("accuracy.png", "cost.png", "messy_layers.png"):
         assert (out / name).read_bytes()[:8] == PNG
@@ -274,6 +274,81 @@ def test_tuned_kd_is_selected_on_val_not_test(tmp_path, shards, monkeypatch):
     assert "kd (α=0.7, T=4)" in text and "Tuning cost" in text
 
 
+def test_messy_weight_is_tuned_on_val_like_kd_and_replaces_untuned_rows(
+    tmp_path, shards, monkeypatch, caplog
+):
+    """ablate.tune: MESSy's weight trained at the tune seed per source, the best on val used at
+    every seed; rows trained before it was tuned are trained again; a moved run is the same run."""
+    import shutil
+
+    cfg, path = tiny_pipeline(tmp_path, methods=["ce", "messy"], sources=["latent"], seeds=[0, 1, 2])
+    monkeypatch.setattr("synesthesia.stage_one.run_stage_one", fake_stage_one([]))
+    calls = []
+
+    def val_of(c):  # w = 0.1 is best on val ...
+        return 0.6 if c.method.weight == 0.1 else 0.4
+
+    def test_of(c):  # ... and worst on test: picking it proves test was not looked at
+        return 1.0 - val_of(c)
+
+    monkeypatch.setattr("synesthesia.train.loop.train", fake_train(calls, val_of, test_of))
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    Ablation(cfg, path, shards=shards, runs=runs, out=out).run()  # untuned: MESSy at its default weight
+    assert read_results(out)["messy-latent-s1"].get("setting") is None
+    # a run moved to another folder name (here: the tuned w = 0.1 run of seed 2, trained elsewhere)
+    # is adopted, not trained again: the run name is not part of what a run depends on
+    other = replace(
+        cfg, ["ablate.methods=[ce,messy@w0.1]", 'ablate.variants={"messy@w0.1": {"weight": 0.1}}']
+    )
+    Ablation(other, path, shards=shards, runs=runs, out=tmp_path / "variant").run()
+    shutil.copytree(runs / cfg.name / "messy@w0.1-latent-s2", runs / cfg.name / "messy-latent-s2-w0.1")
+
+    tuned = replace(cfg, ['ablate.tune={"messy": {"weight": [0.1, 1.0]}}'])
+    ablation = Ablation(tuned, path, shards=shards, runs=runs, out=out)
+    assert "2 tuning runs (messy: 2 weight settings; per source at seed 0" in ablation.plan().lines[1]
+    calls.clear()
+    ablation.run()
+    assert "3 row(s)" in caplog.text  # the untuned MESSy rows
+    assert sorted(n for n, _ in calls) == [
+        "messy-latent-s0-w0.1",
+        "messy-latent-s0-w1",
+        "messy-latent-s1-w0.1",
+    ]
+    rows = read_results(out)
+    for seed in (0, 1, 2):
+        row = rows[f"messy-latent-s{seed}"]
+        assert row["setting"] == "w0.1" and row["setting_fields"] == {"weight": 0.1}
+        assert row["run"].endswith(f"messy-latent-s{seed}-w0.1") and row["tune_runs"] == 2
+        assert "method.weight=0.1" in shlex.split(row["command"])
+    assert rows["tune/messy-latent-s0-w1"]["val_acc"] == 0.4
+    selection = json.loads((out / "tuning.json").read_text())
+    assert selection["messy"]["latent"]["selected"] == "w0.1" and selection["messy"]["latent"]["runs"] == 2
+    text = (out / "summary.md").read_text()
+    assert "| messy (w=0.1) | latent | 3 |" in text and "| messy | latent | w=1 | 40.00 |" in text
+    # a sweep over fewer methods keeps the tune entry of a method it leaves out unused
+    assert set(Ablation(replace(tuned, ["ablate.methods=[ce,kd]"]), path).settings) == {"kd"}
+
+
+@pytest.mark.parametrize(
+    "tune, message",
+    [
+        ({"kd": {"alpha": [0.1, 0.5]}}, "kd is tuned over ablate.kd_alphas"),
+        ({"ce": {"weight": [1.0, 2.0]}}, "ce has no teacher term"),
+        ({"messy@w": {"weight": [1.0, 2.0]}}, "a labelled method has its one setting"),
+        ({"mesy": {"weight": [1.0, 2.0]}}, "unknown method 'mesy'"),
+        ({"messy": {"layers": [1, 2]}}, "'layers' is not a tunable method field"),
+        ({"messy": {"weight": []}}, "non-empty list of numbers"),
+        ({"messy": {"weight": [1.0, 1.0]}}, "repeated values"),
+        ({"messy": {"alpha": [0.5, 2.0]}}, "outside [0, 1]"),
+        ({"messy": {}}, "must map method fields to lists"),
+    ],
+)
+def test_tuning_mistakes_are_refused_up_front(tmp_path, tune, message):
+    with pytest.raises(UserError, match=re.escape(message)):  # on reading the pipeline, or on planning
+        cfg, path = tiny_pipeline(tmp_path, methods=["ce", "kd", "messy"], sources=["latent"], tune=tune)
+        Ablation(cfg, path)
+
+
 def test_a_labelled_source_reads_its_own_generators_set_and_pairs_with_ce(tmp_path, shards, monkeypatch):
     """A generator sweep in one grid: latent (the committed generator) and latent@alt, ce shared."""
     import shutil
@@ -404,7 +479,7 @@ def test_cli_plan_and_missing_results(tmp_path, shards, capsys):
 
 def test_demo_scale_pipeline_reuses_the_demo_and_fits_the_budget(tmp_path):
     """pipelines/ablation-scenes.yaml renders and shards exactly what the demo does: 5 seeds, in the
-    ≤ 13 h one run at a time on 2 CPU cores its header states (estimate)."""
+    ≤ 14 h one run at a time on 2 CPU cores its header states (estimate), MESSy's weight tuned."""
     from synesthesia.ablate.runner import stage_one_overrides
     from synesthesia.config import replace
     from synesthesia.sources.scenes import render_config
@@ -416,15 +491,16 @@ def test_demo_scale_pipeline_reuses_the_demo_and_fits_the_budget(tmp_path):
     assert replace(cfg, stage_one_overrides(cfg, "latent")).shard == demo.shard
     plan = Ablation(cfg, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).plan()
     assert len(plan.cells) == 35 and len(plan.teachers) == 3
-    assert plan.estimate_s <= 13 * 3600
-    # the MESSy-weight variants its comments give the command for
-    weights = replace(
-        cfg, ["ablate.sources=[none,latent]", "ablate.methods=[ce,kd,messy,messy@w0.1,kd@messy]"]
+    assert plan.estimate_s <= 14 * 3600 and plan.tune_runs == 12
+    # the variants its comments give the command for: MESSy at the paper's settings, untuned
+    paper = replace(
+        cfg, ["ablate.sources=[none,latent]", "ablate.methods=[ce,kd,messy,messy@paper,kd@messy]"]
     )
-    job = Ablation(weights, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).student_job(
-        "messy@w0.1", "latent", 0
-    )
-    assert "method.weight=0.1" in job.overrides and "method.name=messy" in job.overrides
+    ablation = Ablation(paper, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path)
+    job = ablation.student_job("messy@paper", "latent", 0)
+    assert "method.weight=null" in job.overrides and "method.name=messy" in job.overrides
+    assert replace(paper, job.overrides).method.weight is None  # the method's default, w = 1
+    assert [s.fields for s in ablation.settings["messy"]] == [{"weight": 0.1}, {"weight": 1.0}]
     full = load_pipeline(root / "ablation-scenes-full.yaml")
     assert len(Ablation(full, "p.yaml", shards=tmp_path, runs=tmp_path, out=tmp_path).cells) >= 3 * 5
 

@@ -16,8 +16,9 @@ A method is a registered student method, or a *labelled* one,
 ``<method>@<label>`` (``messy@w0.1``): that method with the method-section
 fields given in ``ablate.variants["messy@w0.1"]`` (``{weight: 0.1}``) in place
 of the pipeline's. Variants put a method's settings side by side in one grid,
-paired by seed with ``ce`` and tuned KD. A labelled ``kd`` is not tuned: it
-trains with its variant's α and T at every seed.
+paired by seed with ``ce`` and tuned KD. A labelled method is not tuned
+(:mod:`~synesthesia.ablate.tuning`): it trains with its variant's fields at
+every seed.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class Cell:
     @property
     def name(self) -> str:
         return f"{self.method}-{self.source}-s{self.seed}"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(method, source): what a tuned method's selected setting is per."""
+        return self.method, self.source
 
 
 def expand(cfg: AblateConfig) -> list[Cell]:

@@ -1,6 +1,6 @@
 """Training runs side by side: ``synesthesia ablate --jobs N``.
 
-The runs of one ablation step (the teachers, a source's KD tuning grid, the
+The runs of one ablation step (the teachers, a tuned method's settings at one source, the
 cells) do not depend on each other, so :class:`TrainPool` trains up to ``jobs``
 of them at once, each as its own ``synesthesia train`` process: the command its
 results row records, so a run trained here is the run that command makes.

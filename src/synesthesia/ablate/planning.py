@@ -1,6 +1,6 @@
 """The ablation's plan: what the grid holds, what is still to do and how long that should take.
 
-:func:`plan` counts, before any work, the cells, teachers, KD tuning runs and
+:func:`plan` counts, before any work, the cells, teachers, tuning runs and
 stage-one sets of the grid, which of them a previous run already finished, and
 estimates the time of the rest on the device the runs will use (:func:`device_name`): from
 the training speed (``train_samples_per_s``) of the newest finished runs under the runs root
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synesthesia.ablate.grid import Cell, read_results
-from synesthesia.ablate.kd_tuning import tune_seed
 from synesthesia.ablate.reuse import read_timing
 from synesthesia.ablate.runs import _finished
 from synesthesia.ablate.stage_one_sets import sidecar_dirs
+from synesthesia.ablate.tuning import tune_seed, tuning_line
 from synesthesia.config import replace
 
 if TYPE_CHECKING:
@@ -156,32 +156,33 @@ def plan(ablation: Ablation) -> Plan:
             estimate += (stage_one_s or EST_STAGE_ONE_S_PER_SAMPLE) * n_all
     teachers_todo = [s for s in ablation.sources if _finished(ablation.teacher_run(s)) is None]
     estimate += teacher_s * len(teachers_todo)
-    tune_todo = 0
-    if ablation.tuned:
-        for source in ablation.sources:
-            tune_todo += sum(1 for g in ablation.grid if ablation.tune_cell_name(source, g) not in done)
+    tuned = {m: settings for m, settings in ablation.settings.items() if ablation.tuned(m)}
+    tune_todo = sum(
+        1
+        for m, settings in tuned.items()
+        for source in ablation.sources
+        for s in settings
+        if ablation.tune_cell_name(m, source, s) not in done
+    )
     todo_cells = [c for c in ablation.cells if c.name not in done]
 
     def trains(c: Cell) -> bool:
-        if c.method == "kd":  # its run is named by the setting tuning selects; at the tune seed, a tuning run
-            return not (ablation.tuned and c.seed == tune_seed(ablation.cfg))
+        if (
+            c.method in ablation.settings
+        ):  # its run is named by the setting selected; at the tune seed, a tuning run
+            return not (ablation.tuned(c.method) and c.seed == tune_seed(ablation.cfg))
         # a run another results folder's grid finished (a sweep sharing the runs) is reused, not trained
         return _finished(ablation.run_folder(c.name)) is None
 
     todo_students = tune_todo + sum(1 for c in todo_cells if trains(c))
     estimate += student_s * todo_students
-    tune_runs = len(ablation.grid) * len(ablation.sources) if ablation.tuned else 0
+    tune_runs = sum(len(settings) for settings in tuned.values()) * len(ablation.sources)
     lines = [
         f"ablation {ablation.cfg.name}: {len(ablation.cells)} cells ({', '.join(ablation.cfg.ablate.methods)} × "
         f"sources {', '.join(ablation.sources) or 'none'} × seeds {', '.join(map(str, ablation.cfg.ablate.seeds))}; "
         "ce runs with source none)",
         f"  + {len(ablation.sources)} teacher(s), {len(sets)} stage-one set(s), "
-        + (
-            f"{tune_runs} KD tuning runs ({len(ablation.grid)} α×T settings per source at seed "
-            f"{tune_seed(ablation.cfg)}, one of them reused as that seed's KD cell)"
-            if ablation.tuned
-            else "no KD tuning"
-        ),
+        + tuning_line(ablation.settings, len(ablation.sources), tune_seed(ablation.cfg)),
         f"  to do: {len(todo_cells)} of {len(ablation.cells)} cells, {len(teachers_todo)} teacher(s), "
         f"{tune_todo} tuning run(s) — {todo_students + len(teachers_todo)} training runs, "
         f"estimate {estimate / 60:.0f} min on {device_name(kind)} (~{student_s:.0f} s per student run)",

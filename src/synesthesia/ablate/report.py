@@ -32,6 +32,7 @@ from synesthesia.ablate.stats import (
     pct,
     wilson_interval,
 )
+from synesthesia.ablate.tuning import describe
 from synesthesia.utils import atomic_write_text
 
 
@@ -58,13 +59,13 @@ SOURCE_ORDER = ("none", "decoded", "latent", "real")  # the default ablate.sourc
 
 
 def cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The grid cells' rows (KD tuning runs, ``role: tune``, are reported apart)."""
+    """The grid cells' rows (tuning runs, ``role: tune``, are reported apart)."""
     return [r for r in rows if r.get("role", "cell") == "cell"]
 
 
 def total_seconds(row: dict[str, Any]) -> float:
     """What one student of a cell costs end to end: stage one of its source (whole source set),
-    its teacher, KD tuning where there was any, and its own training."""
+    its teacher, tuning where there was any, and its own training."""
     parts = [row.get(k) for k in ("stage1_seconds", "teacher_seconds", "tune_seconds", "train_seconds")]
     return sum(0.0 if p is None or math.isnan(float(p)) else float(p) for p in parts)
 
@@ -96,9 +97,12 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         gap = math.nan
         if not math.isnan(teacher) and not math.isnan(base_mean) and teacher != base_mean:
             gap = (mean - base_mean) / (teacher - base_mean)
-        kd = {}
-        if members[0].get("kd_alpha") is not None:
-            kd = {"kd_alpha": members[0]["kd_alpha"], "kd_temperature": members[0]["kd_temperature"]}
+        setting = {}  # a tuned method's setting (rows from before `setting_fields`: kd's α and T)
+        first = members[0]
+        if first.get("setting_fields"):
+            setting = {"setting_fields": first["setting_fields"]}
+        elif first.get("kd_alpha") is not None:
+            setting = {"setting_fields": {"alpha": first["kd_alpha"], "temperature": first["kd_temperature"]}}
         out.append(
             {
                 "method": method,
@@ -120,7 +124,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "tune_seconds": _mean(members, "tune_seconds"),
                 "total_seconds": _mean_std([total_seconds(r) for r in members])[0],
                 "command": members[0].get("command", ""),
-                **kd,
+                **setting,
             }
         )
     return out
@@ -246,7 +250,7 @@ def summary_markdown(
         "gap closed = (student − image-only) ÷ (teacher − image-only). A cell is in bold only when it is the",
         "best at its source and distinguishable from the runner-up there (paired interval excludes 0).",
         "Cost: stage-one seconds and bytes per sample of the source's sidecars; train s and samples/s of the",
-        "student run; total s = stage one (whole source set) + teacher + KD tuning + student, per student.",
+        "student run; total s = stage one (whole source set) + teacher + tuning + student, per student.",
         "",
         "| method | source | seeds | test acc [95 % interval] | std | val acc | teacher | gap closed "
         "| stage-one s/sample | stage-one bytes/sample | train s | samples/s | total s |",
@@ -258,8 +262,8 @@ def summary_markdown(
         if rank is not None and rank["bold"] and rank["best"] == row["method"]:
             acc = f"**{acc}**"
         method = row["method"]
-        if "kd_alpha" in row:
-            method = f"{method} (α={row['kd_alpha']:g}, T={row['kd_temperature']:g})"
+        if "setting_fields" in row:
+            method = f"{method} ({describe(row['setting_fields'])})"
         lines.append(
             f"| {method} | {row['source']} | {row['n']} | {acc} | {pct(row['test_std'])} | "
             f"{pct(row['val_mean'])} | {pct(row['teacher_acc'])} | {_fmt(row['gap_closed'], '.2f')} | "
@@ -295,27 +299,7 @@ def summary_markdown(
                 f"| {c['method']} | {c['source']} | {c['label']} | {_difference(d)} | {d.n} | "
                 f"{_verdict(d, c['method'], c['against'])} |"
             )
-    tune = [r for r in rows or [] if r.get("role") == "tune"]
-    if tune:
-        lines += [
-            "",
-            "## KD tuning (selected on val at one seed, then used for every seed)",
-            "",
-            "| source | α | T | val acc | test acc (not used) | train s | reproduce |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in tune:
-            lines.append(
-                f"| {r['source']} | {r['kd_alpha']:g} | {r['kd_temperature']:g} | {pct(_num(r['val_acc']))} | "
-                f"{pct(_num(r['test_acc']))} | {_fmt(_num(r['train_seconds']), '.1f')} | `{r['command']}` |"
-            )
-        by_source: dict[str, float] = defaultdict(float)
-        for r in tune:
-            by_source[r["source"]] += _num(r["train_seconds"])
-        cost = ", ".join(
-            f"{s} {v:.0f} s ({sum(1 for r in tune if r['source'] == s)} runs)" for s, v in by_source.items()
-        )
-        lines += ["", f"Tuning cost: {cost}."]
+    lines += _tuning_lines([r for r in rows or [] if r.get("role") == "tune"])
     lines += findings_lines(rows or [])
     lines += [
         "",
@@ -333,6 +317,29 @@ def summary_markdown(
     for what, command in sorted(extra.items()):
         lines.append(f"- {what}: `{command}`")
     return "\n".join(lines) + "\n"
+
+
+def _tuning_lines(tune: list[dict[str, Any]]) -> list[str]:
+    """The tuning runs of each tuned method: every setting's val (what selects) and test (unused)."""
+    if not tune:
+        return []
+    lines = [
+        "",
+        "## Tuning (each setting trained at one seed, the best on val then used at every seed)",
+        "",
+        "| method | source | setting | val acc | test acc (not used) | train s | reproduce |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    cost: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in tune:
+        fields = r.get("setting_fields") or {"alpha": r["kd_alpha"], "temperature": r["kd_temperature"]}
+        lines.append(
+            f"| {r['method']} | {r['source']} | {describe(fields)} | {pct(_num(r['val_acc']))} | "
+            f"{pct(_num(r['test_acc']))} | {_fmt(_num(r['train_seconds']), '.1f')} | `{r['command']}` |"
+        )
+        cost[(r["method"], r["source"])].append(_num(r["train_seconds"]))
+    words = ", ".join(f"{m} at {s} {sum(v):.0f} s ({len(v)} runs)" for (m, s), v in cost.items())
+    return [*lines, "", f"Tuning cost: {words}."]
 
 
 def write_summary(out_dir: str | Path, rows: list[dict[str, Any]], title: str) -> Path:
@@ -395,7 +402,7 @@ def write_plots(out_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
             capsize=3,
             label=f"{row['method']} / {row['source']}",
         )
-    ax.set_xlabel("seconds per student: stage one + teacher + KD tuning + training")
+    ax.set_xlabel("seconds per student: stage one + teacher + tuning + training")
     ax.set_ylabel("test accuracy (%), 95 % interval over seeds")
     ax.set_title("accuracy against total cost")
     ax.legend(fontsize=7)

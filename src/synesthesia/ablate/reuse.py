@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synesthesia.ablate.runs import TIMING, training_hash
+from synesthesia.ablate.tuning import row_setting
 from synesthesia.config import replace
 
 if TYPE_CHECKING:
@@ -94,14 +95,13 @@ def row_is_current(ablation: Ablation, row: dict[str, Any]) -> bool:
     run = Path(str(row.get("run", "")))
     if source != "none" and not from_current_teacher(ablation, run, source, row.get("teacher_weights")):
         return False
-    kd = None
-    if method == "kd":
-        setting = (row.get("kd_alpha"), row.get("kd_temperature"))
-        kd = next((g for g in ablation.grid if (g.alpha, g.temperature) == setting), None)
-        if kd is None:
-            return False  # a setting the KD grid no longer has
+    setting = None
+    if method in ablation.settings:
+        setting = row_setting(ablation, method, row)
+        if setting is None:
+            return False  # a setting the method's grid no longer has, or a row from before it was tuned
     written = Path(str(row.get("config", "")))
     if not written.is_file():
         return True  # its run is gone: the row stands as it was reported
-    want = training_hash(replace(ablation.cfg, ablation.student_job(method, source, seed, kd).overrides))
+    want = training_hash(replace(ablation.cfg, ablation.student_job(method, source, seed, setting).overrides))
     return training_hash(json.loads(written.read_text()).get("config", {})) == want

@@ -18,13 +18,14 @@ The steps, each skipped when an earlier run left it complete:
    has nothing to do).
 3. **Teachers**, one per privileged source (``train.seed``, plus
    ``ablate.teacher_overrides``), shared by every student of that source.
-4. **Tuned KD.** Per source, the α × T grid (``ablate.kd_alphas`` ×
-   ``ablate.kd_temperatures``) is trained at ``ablate.tune_seed`` (default the
-   first seed); the setting with the best **val** accuracy
+4. **Tuned methods.** Per source, KD's α × T grid (``ablate.kd_alphas`` ×
+   ``ablate.kd_temperatures``), and the settings ``ablate.tune`` lists for
+   other methods (MESSy's weight), are trained at ``ablate.tune_seed`` (default
+   the first seed); the setting with the best **val** accuracy
    (:func:`synesthesia.methods.tuned_kd.select_best`: ties by grid order) is
    then used for every seed, so the tuning run at the tune seed *is* that
-   seed's KD cell. Each grid run is a ``role: "tune"`` row of results.jsonl and
-   the tuning seconds are reported beside the KD rows.
+   seed's cell. Each setting's run is a ``role: "tune"`` row of results.jsonl
+   and the tuning seconds are reported beside the method's rows.
 5. **Cells**, seed by seed (a stopped ablation holds whole seeds, which pair);
    the ``ce`` cells train beside the teachers (step 3). Each appends one row to
    ``results.jsonl`` when it finishes, so a killed ablation rerun skips completed cells. A run that was
@@ -40,7 +41,7 @@ the row holds that command and the path of the run's resolved ``config.json``.
 This module is :class:`Ablation`, the steps in order. What each step draws on:
 :mod:`~synesthesia.ablate.grid` (the cells, results.jsonl),
 :mod:`~synesthesia.ablate.stage_one_sets` (step 2: a source's generators,
-overrides and sidecar sets), :mod:`~synesthesia.ablate.kd_tuning` (step 4),
+overrides and sidecar sets), :mod:`~synesthesia.ablate.tuning` (step 4),
 :mod:`~synesthesia.ablate.runs` (a training job, its finished metrics and loss
 curves), :mod:`~synesthesia.ablate.planning` (``--plan``: what is left, and an
 estimate of its time) and :mod:`~synesthesia.ablate.report` (step 6).
@@ -70,7 +71,6 @@ from synesthesia.ablate.grid import (
     source_kind,
     teacher_sources,
 )
-from synesthesia.ablate.kd_tuning import kd_grid, tune_kd, tune_seed
 from synesthesia.ablate.parallel import Task, TrainPool
 from synesthesia.ablate.planning import Plan
 from synesthesia.ablate.reuse import drop_stale, from_current_teacher, read_timing, teacher_weights
@@ -85,6 +85,7 @@ from synesthesia.ablate.runs import (
     training_hash,
 )
 from synesthesia.ablate.stage_one_sets import data_overrides, sidecar_dirs, stage_one_overrides
+from synesthesia.ablate.tuning import Setting, setting_row, tune_method, tune_seed, tuned_settings
 from synesthesia.config import (
     MethodConfig,
     PipelineConfig,
@@ -100,6 +101,7 @@ from synesthesia.utils import atomic_write_text
 logger = logging.getLogger(__name__)
 
 STAGE_ONE_LEDGER = "stage_one.json"
+TUNING = "tuning.json"  # per tuned method and source: the setting selected on val, and its cost
 
 
 def _check(cfg: PipelineConfig) -> list[Cell]:
@@ -129,8 +131,6 @@ def _check(cfg: PipelineConfig) -> list[Cell]:
         if source_kind(source) == "none":
             raise UserError(f"ablate.generators.{source}: source none has no generators")
     _check_distinct_sets(cfg)
-    if "kd" in cfg.ablate.methods:
-        kd_grid(cfg)
     return cells
 
 
@@ -197,8 +197,8 @@ class Ablation:
         # the training commands carry the user's overrides, less the ablate section's (training ignores it)
         self.user_overrides = [o for o in qualify(overrides, "ablate") if not o.startswith("ablate.")]
         self.sources = teacher_sources(self.cells)
-        self.grid = kd_grid(self.cfg) if "kd" in cfg.ablate.methods else []
-        self.tuned = len(self.grid) > 1
+        # each tuned method's settings (kd's α × T, ablate.tune's), checked up front
+        self.settings = tuned_settings(self.cfg)
 
     # -- commands
 
@@ -226,8 +226,12 @@ class Ablation:
     def teacher_run(self, source: str) -> Path:
         return self.run_folder(self.teacher_job(source).name)
 
-    def student_job(self, method: str, source: str, seed: int, kd=None) -> Job:
-        name = f"{method}-{source}-s{seed}" + (f"-{kd.name}" if kd is not None else "")
+    def tuned(self, method: str) -> bool:
+        """Whether ``method``'s setting is chosen on val (it has more than one)."""
+        return len(self.settings.get(method, ())) > 1
+
+    def student_job(self, method: str, source: str, seed: int, setting: Setting | None = None) -> Job:
+        name = f"{method}-{source}-s{seed}" + (f"-{setting.name}" if setting is not None else "")
         over = [
             "train.stage=student",
             f"method.name={method_kind(method)}",
@@ -237,8 +241,8 @@ class Ablation:
             f"train.run_name={name}",
             f"train.shards={self.shards}",
         ]
-        if kd is not None:
-            over += [f"method.alpha={kd.alpha!r}", f"method.temperature={kd.temperature!r}"]
+        if setting is not None:
+            over += setting.overrides
         if source == "none":
             return Job(name, over, self._command("train", over, self.runs))
         over.append(f"train.teacher={self.teacher_run(source)}")
@@ -254,8 +258,8 @@ class Ablation:
         seeds = list(self.cfg.ablate.seeds)
         return sorted((c for c in self.cells if c.name not in done), key=lambda c: seeds.index(c.seed))
 
-    def tune_cell_name(self, source: str, g) -> str:
-        return f"tune/kd-{source}-s{tune_seed(self.cfg)}-{g.name}"
+    def tune_cell_name(self, method: str, source: str, setting: Setting) -> str:
+        return f"tune/{method}-{source}-s{tune_seed(self.cfg)}-{setting.name}"
 
     # -- plan
 
@@ -464,34 +468,28 @@ class Ablation:
             runs_done.update(1)
 
         teachers: dict[str, dict[str, Any]] = {}
-        selected: dict[str, Any] = {}
-        tuning: dict[str, dict[str, Any]] = {}
+        selected: dict[tuple[str, str], Setting] = {}  # (method, source) -> its setting
+        tuning: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in self.settings}
         teacher_jobs = {self.teacher_job(source).name: source for source in self.sources}
         cell_of: dict[str, Cell] = {}
 
         def cell_jobs(cells: list[Cell]) -> list[Job]:
             jobs = []
             for cell in cells:
-                kd = selected.get(cell.source) if cell.method == "kd" else None
-                job = self.student_job(cell.method, cell.source, cell.seed, kd)
+                job = self.student_job(cell.method, cell.source, cell.seed, selected.get(cell.key))
                 cell_of[job.name] = cell
                 jobs.append(job)
             return jobs
 
         def cell_done(job: Job, result: dict[str, Any]) -> None:
             cell = cell_of[job.name]
-            kd = selected.get(cell.source) if cell.method == "kd" else None
+            setting = selected.get(cell.key)
             row = self._row(job, result, curves=method_kind(cell.method) == "messy")
             row.update(costs[cell.source])
             row.update(teachers.get(cell.source, {"teacher_acc": None, "teacher_seconds": 0.0}))
-            if kd is not None:
-                t = tuning[cell.source]
-                row.update(
-                    kd_alpha=kd.alpha,
-                    kd_temperature=kd.temperature,
-                    tune_runs=t["runs"],
-                    tune_seconds=t["seconds"],
-                )
+            if setting is not None:
+                t = tuning[cell.method][cell.source]
+                row.update(setting_row(cell.method, setting), tune_runs=t["runs"], tune_seconds=t["seconds"])
             row["role"] = "cell"
             done[cell.name] = append_row(self.out, {"cell": cell.name, **asdict(cell), **row})
 
@@ -514,13 +512,15 @@ class Ablation:
         self.run_jobs(jobs, finished, tick)
         drop_stale(self, done)  # with the teachers trained: rows distilled from another teacher go
 
-        # 2. tuned KD, per source
-        if "kd" in self.cfg.ablate.methods:
+        # 2. the tuned methods (kd, ablate.tune), per source
+        for method in self.settings:
             for source in self.sources:
-                selected[source], tuning[source] = tune_kd(self, source, done, costs, teachers, tick)
-            atomic_write_text(
-                self.out / "kd_selection.json", json.dumps(tuning, indent=2, sort_keys=True) + "\n"
-            )
+                chosen, tuning[method][source] = tune_method(
+                    self, method, source, done, costs, teachers, tick
+                )
+                selected[(method, source)] = chosen
+        if self.settings:
+            atomic_write_text(self.out / TUNING, json.dumps(tuning, indent=2, sort_keys=True) + "\n")
 
         # 3. the other cells
         jobs = cell_jobs([c for c in self.cells_by_seed(done) if c.source != "none"])

@@ -49,7 +49,8 @@ def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
 
 def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
     """The config hash of what a training run depends on: everything but the ``ablate`` section,
-    the ``teacher`` section for a student (``student`` for a teacher) and ``train.save_every``.
+    the ``teacher`` section for a student (``student`` for a teacher), ``train.save_every`` and
+    ``train.run_name`` (the run's folder name: a run moved to another name is the same run).
 
     A written config (a dict) is read by this version first (fields added since take their
     defaults: :func:`~synesthesia.config.written_config`); None when it no longer reads.
@@ -64,6 +65,7 @@ def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
     # identifies by its weights: ablate/reuse.py) and a teacher no student section
     data.pop("teacher" if cfg.train.stage == "student" else "student", None)
     data["train"].pop("save_every", None)  # how often it checkpoints: resuming is exact, the run the same
+    data["train"].pop("run_name", None)
     return config_hash(data)
 
 

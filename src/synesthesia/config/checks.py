@@ -175,6 +175,9 @@ BOUNDS: dict[type, dict[str, Range]] = {
         "seeds": SEED,
         "kd_alphas": FRACTION,
         "kd_temperatures": above(0, 1000),
+        # every value of a tuned method field is in [0, 10**6]; check_pipeline then bounds each
+        # by its own field's range (alpha in [0, 1], temperature in (0, 1000])
+        "tune": closed(0, 10**6),
         "tune_seed": SEED,
     },
 }
@@ -193,6 +196,10 @@ def check_pipeline(cfg: sections.PipelineConfig) -> sections.PipelineConfig:
         check_name(cfg.train.run_name, "train.run_name")
     if cfg.bootstrap.name:
         check_name(cfg.bootstrap.name, "bootstrap.name")
+    method_bounds = BOUNDS[sections.MethodConfig]
+    for method, fields in cfg.ablate.tune.items():
+        for key, values in fields.items():
+            _check_value(values, f"ablate.tune.{method}.{key}", method_bounds.get(key))
     generators = [(f"shard.generators.{i}", g) for i, g in enumerate(cfg.shard.generators)]
     for source, gens in cfg.ablate.generators.items():
         generators += [(f"ablate.generators.{source}.{i}", g) for i, g in enumerate(gens)]

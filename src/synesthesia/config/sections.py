@@ -235,7 +235,8 @@ class AblateConfig:
     """The ablation grid (`synesthesia ablate`): student method × privileged source × seed.
 
     ``kd`` is tuned: its α × T grid is trained at ``tune_seed`` per source and the setting
-    with the best val accuracy is used for every seed (one setting each: no tuning).
+    with the best val accuracy is used for every seed (one setting each: no tuning). Other
+    methods are tuned the same way over the values in ``tune`` (``{messy: {weight: [0.1, 1.0]}}``).
     """
 
     methods: list[str] = field(default_factory=lambda: ["ce", "kd", "messy"])
@@ -249,7 +250,10 @@ class AblateConfig:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     kd_alphas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
     kd_temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    tune_seed: int | None = None  # the seed the KD grid is trained at; None: the first of seeds
+    # numeric method-section fields (alpha, temperature, weight) tuned like KD's α × T, per method
+    # of `methods` other than ce and kd: {messy: {weight: [0.1, 1.0]}}
+    tune: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    tune_seed: int | None = None  # the seed the tuning runs train at; None: the first of seeds
     teacher_overrides: list[str] = field(default_factory=list)  # e.g. [train.epochs=6] for the teachers only
 
 

@@ -16,7 +16,7 @@ This module is pure logic: :func:`expand_grid` turns one ``MethodConfig`` into
 the grid's cells (plain ``MethodConfig`` objects of the ``kd`` method, with the
 ``key=value`` overrides that reproduce each), and :func:`select_best` picks the
 winner from the results the trainer or the ablation collected.
-``synesthesia ablate`` drives it (:mod:`synesthesia.ablate.kd_tuning`): the grid is
+``synesthesia ablate`` drives it (:mod:`synesthesia.ablate.tuning`): the grid is
 trained per privileged source at one seed (``ablate.tune_seed``, default the
 first), and the selected (α, T) is then trained at every seed; each grid run is
 a row of results.jsonl and its cost is reported beside the KD rows.

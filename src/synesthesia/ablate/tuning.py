@@ -1,0 +1,213 @@
+"""Tuned methods in the ablation: a method's settings trained at the tune seed, the best on val kept.
+
+``kd`` is always tuned over ``ablate.kd_alphas`` × ``ablate.kd_temperatures``;
+any other student method can be tuned the same way over the numeric fields of
+its method section listed in ``ablate.tune`` (``{messy: {weight: [0.1, 1.0]}}``),
+so that a method is not compared at its paper's settings against a baseline
+tuned on this data. Per source, every setting is trained at
+``ablate.tune_seed`` (default the first seed) and the one with the best **val**
+accuracy (:func:`synesthesia.methods.tuned_kd.select_best`: ties by grid order)
+is used for every seed, so the tuning run at the tune seed *is* that seed's
+cell. Each setting's run is a ``role: "tune"`` row of results.jsonl;
+:func:`tune_method` returns the selection and its cost (runs, seconds), which
+the runner writes to ``tuning.json`` and beside the method's rows. A
+one-setting grid is no tuning: it is used as given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from synesthesia import UserError
+from synesthesia.ablate.grid import append_row, method_kind
+from synesthesia.config import MethodConfig, PipelineConfig, build, check_section, to_dict
+
+if TYPE_CHECKING:
+    from synesthesia.ablate.runner import Ablation
+
+logger = logging.getLogger(__name__)
+
+# short names of the tunable fields, in run names (messy-latent-s0-w0.1) and in the report
+SHORT = {"alpha": "a", "temperature": "T", "weight": "w"}
+SYMBOL = {"alpha": "α", "temperature": "T", "weight": "w"}
+TUNABLE = tuple(SHORT)  # the numeric fields of the method section
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a tuned method: its name (``a0.5-T4``, ``w0.1``) and its method-section fields."""
+
+    name: str
+    fields: dict[str, float]
+
+    @property
+    def overrides(self) -> list[str]:
+        """The ``method.*`` overrides that train this setting."""
+        return [f"method.{key}={json.dumps(value)}" for key, value in self.fields.items()]
+
+    def describe(self) -> str:
+        """``α=0.5, T=4``: the setting in words."""
+        return describe(self.fields)
+
+
+def describe(fields: dict[str, Any]) -> str:
+    return ", ".join(f"{SYMBOL.get(k, k)}={v:g}" for k, v in fields.items())
+
+
+def setting_name(fields: dict[str, float]) -> str:
+    """A stable, filesystem-safe name: ``a0.5-T4`` for KD (as :func:`tuned_kd.cell_name`), ``w0.1``."""
+    return "-".join(f"{SHORT[k]}{v:g}" for k, v in fields.items())
+
+
+def kd_settings(cfg: PipelineConfig) -> list[Setting]:
+    """KD's α × T grid (``ablate.kd_alphas`` × ``ablate.kd_temperatures``), checked, in grid order."""
+    from synesthesia.methods.tuned_kd import expand_grid
+
+    options = {"alphas": list(cfg.ablate.kd_alphas), "temperatures": list(cfg.ablate.kd_temperatures)}
+    grid = expand_grid(MethodConfig(**{**to_dict(cfg.method), "name": "kd", "options": options}))
+    return [Setting(g.name, {"alpha": g.alpha, "temperature": g.temperature}) for g in grid]
+
+
+def method_settings(cfg: PipelineConfig, method: str, fields: dict[str, Any]) -> list[Setting]:
+    """The settings of ``ablate.tune[method]``: every combination of its fields' values, in the
+    order given, each checked as a method section (types, ranges)."""
+    from synesthesia.methods import METHODS
+
+    where = f"ablate.tune.{method}"
+    if method_kind(method) not in METHODS.names():
+        raise UserError(f"{where}: unknown method {method!r}; valid: {', '.join(METHODS.names())}")
+    if method != method_kind(method):
+        raise UserError(
+            f"{where}: a labelled method has its one setting (ablate.variants); tune {method_kind(method)}"
+        )
+    if method in ("ce", "kd"):
+        hint = (
+            "kd is tuned over ablate.kd_alphas × ablate.kd_temperatures"
+            if method == "kd"
+            else "ce has no teacher term to weigh"
+        )
+        raise UserError(f"{where}: not tunable here ({hint})")
+    if not isinstance(fields, dict) or not fields:
+        raise UserError(f"{where} must map method fields to lists of values, e.g. {{weight: [0.1, 1.0]}}")
+    values: dict[str, list[float]] = {}
+    for key, vals in fields.items():
+        if key not in TUNABLE:
+            raise UserError(f"{where}: {key!r} is not a tunable method field; valid: {', '.join(TUNABLE)}")
+        if not isinstance(vals, list) or not vals:
+            raise UserError(f"{where}.{key} must be a non-empty list of numbers, got {vals!r}")
+        for v in vals:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise UserError(f"{where}.{key} must hold finite numbers, got {v!r}")
+        if len(set(vals)) != len(vals):
+            raise UserError(f"{where}.{key} has repeated values: {vals!r}")
+        values[key] = [float(v) for v in vals]
+    settings = []
+    for combo in itertools.product(*values.values()):
+        chosen = dict(zip(values, combo, strict=True))
+        check_section(build(MethodConfig, {**to_dict(cfg.method), "name": method, **chosen}, where), where)
+        settings.append(Setting(setting_name(chosen), chosen))
+    return settings
+
+
+def tuned_settings(cfg: PipelineConfig) -> dict[str, list[Setting]]:
+    """Each tuned method of the grid and its settings: ``kd`` and the methods of ``ablate.tune``
+    that are in ``ablate.methods`` (every entry is checked; one for a method this grid leaves out,
+    as a sweep over fewer methods does, is not used)."""
+    out = {"kd": kd_settings(cfg)} if "kd" in cfg.ablate.methods else {}
+    for method, fields in cfg.ablate.tune.items():
+        settings = method_settings(cfg, method, fields)
+        if method in cfg.ablate.methods:
+            out[method] = settings
+    return out
+
+
+def tune_seed(cfg: PipelineConfig) -> int:
+    seed = cfg.ablate.tune_seed
+    return cfg.ablate.seeds[0] if seed is None else seed
+
+
+def setting_row(method: str, setting: Setting) -> dict[str, Any]:
+    """What a row of a tuned method records of its setting (KD also as kd_alpha and kd_temperature)."""
+    row: dict[str, Any] = {"setting": setting.name, "setting_fields": dict(setting.fields)}
+    if method == "kd":
+        row.update(kd_alpha=setting.fields["alpha"], kd_temperature=setting.fields["temperature"])
+    return row
+
+
+def row_setting(ablation: Ablation, method: str, row: dict[str, Any]) -> Setting | None:
+    """The setting a row of a tuned method was trained with (None: one its grid no longer has)."""
+    name = row.get("setting")
+    if name is None and method == "kd" and row.get("kd_alpha") is not None:  # rows from before `setting`
+        name = setting_name({"alpha": row["kd_alpha"], "temperature": row["kd_temperature"]})
+    return next((s for s in ablation.settings[method] if s.name == name), None)
+
+
+def tune_method(ablation: Ablation, method: str, source, done, costs, teachers, tick):
+    """Train (or reuse) ``method``'s settings at the tune seed; pick the best val accuracy."""
+    from synesthesia.methods.tuned_kd import select_best
+
+    seed = tune_seed(ablation.cfg)
+    settings = ablation.settings[method]
+    if len(settings) == 1:
+        s = settings[0]
+        return s, {"selected": s.name, "fields": s.fields, "runs": 0, "seconds": 0.0}
+    pending = [s for s in settings if ablation.tune_cell_name(method, source, s) not in done]
+    jobs = [ablation.student_job(method, source, seed, s) for s in pending]
+    setting_of = {job.name: s for job, s in zip(jobs, pending, strict=True)}
+
+    def tuned(job, result) -> None:
+        s = setting_of[job.name]
+        row = ablation._row(job, result, curves=False)
+        row.update(costs[source])
+        row.update(teachers[source])
+        name = ablation.tune_cell_name(method, source, s)
+        full = {
+            "cell": name,
+            "method": method,
+            "source": source,
+            "seed": seed,
+            "role": "tune",
+            "grid_cell": s.name,
+            **setting_row(method, s),
+            **row,
+        }
+        done[name] = append_row(ablation.out, full)
+
+    ablation.run_jobs(jobs, tuned, tick)
+    rows = [{**done[ablation.tune_cell_name(method, source, s)], "cell": s.name} for s in settings]
+    selection = select_best(settings, rows, metric="val_acc")
+    best = selection.best
+    logger.info(
+        "%s tuning (%s): %s selected on val (%.2f %%)",
+        method,
+        source,
+        best.describe(),
+        100 * selection.summary[best.name]["mean"],
+    )
+    return best, {
+        "selected": best.name,
+        "fields": best.fields,
+        "runs": len(rows),
+        "seconds": sum(float(r["train_seconds"]) for r in rows if not math.isnan(r["train_seconds"])),
+        "val_acc": {name: s["mean"] for name, s in selection.summary.items()},
+        "seed": seed,
+    }
+
+
+def tuning_line(settings: dict[str, list[Setting]], sources: int, seed: int) -> str:
+    """The plan's words for the tuning runs: how many, of which methods, at which seed."""
+    tuned = {m: s for m, s in settings.items() if len(s) > 1}
+    if not tuned:
+        return "no tuning"
+    runs = sum(len(s) for s in tuned.values()) * sources
+    what = ", ".join(
+        f"{m}: {len(s)} {'α×T' if m == 'kd' else '×'.join(s[0].fields)} settings" for m, s in tuned.items()
+    )
+    return (
+        f"{runs} tuning runs ({what}; per source at seed {seed}, the best on val reused as that seed's cell)"
+    )
