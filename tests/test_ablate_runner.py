@@ -305,7 +305,9 @@ def test_messy_weight_is_tuned_on_val_like_kd_and_replaces_untuned_rows(
 
     tuned = replace(cfg, ['ablate.tune={"messy": {"weight": [0.1, 1.0]}}'])
     ablation = Ablation(tuned, path, shards=shards, runs=runs, out=out)
-    assert "2 tuning runs (messy: 2 weight settings; per source at seed 0" in ablation.plan().lines[1]
+    plan = ablation.plan()
+    assert "2 tuning runs (messy: 2 weight settings; per source at seed 0" in plan.lines[1]
+    assert "to do: 3 of 6 cells, 0 teacher(s), 2 tuning run(s)" in plan.lines[-1]  # the untuned rows
     calls.clear()
     ablation.run()
     assert "3 row(s)" in caplog.text  # the untuned MESSy rows

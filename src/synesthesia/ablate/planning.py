@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synesthesia.ablate.grid import Cell, read_results
-from synesthesia.ablate.reuse import read_timing
+from synesthesia.ablate.reuse import read_timing, row_is_current
 from synesthesia.ablate.runs import _finished
 from synesthesia.ablate.stage_one_sets import sidecar_dirs
 from synesthesia.ablate.tuning import tune_seed, tuning_line
@@ -122,7 +122,8 @@ def plan(ablation: Ablation) -> Plan:
     """What the grid holds, what is still to do and how long that should take (before any work)."""
     from synesthesia.shards.writer import Manifest
 
-    done = read_results(ablation.out)
+    # rows this grid would not train the same way (another config or teacher) are to do again
+    done = {name: row for name, row in read_results(ablation.out).items() if row_is_current(ablation, row)}
     counts: dict[str, int] = {}
     src = ablation.shards / ablation.cfg.dataset / "source"
     if ablation.cfg.dataset == "scenes":  # what the render step will leave, whatever is there now
@@ -157,12 +158,14 @@ def plan(ablation: Ablation) -> Plan:
     teachers_todo = [s for s in ablation.sources if _finished(ablation.teacher_run(s)) is None]
     estimate += teacher_s * len(teachers_todo)
     tuned = {m: settings for m, settings in ablation.settings.items() if ablation.tuned(m)}
-    tune_todo = sum(
+    seed = tune_seed(ablation.cfg)
+    tune_todo = sum(  # a finished run folder (another results folder's, or a moved run) is reused
         1
         for m, settings in tuned.items()
         for source in ablation.sources
         for s in settings
         if ablation.tune_cell_name(m, source, s) not in done
+        and _finished(ablation.run_folder(ablation.student_job(m, source, seed, s).name)) is None
     )
     todo_cells = [c for c in ablation.cells if c.name not in done]
 
