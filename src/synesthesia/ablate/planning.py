@@ -170,9 +170,8 @@ def plan(ablation: Ablation) -> Plan:
     todo_cells = [c for c in ablation.cells if c.name not in done]
 
     def trains(c: Cell) -> bool:
-        if (
-            c.method in ablation.settings
-        ):  # its run is named by the setting selected; at the tune seed, a tuning run
+        # a tuned method's run is named by the setting selected; at the tune seed, a tuning run
+        if c.method in ablation.settings:
             return not (ablation.tuned(c.method) and c.seed == tune_seed(ablation.cfg))
         # a run another results folder's grid finished (a sweep sharing the runs) is reused, not trained
         return _finished(ablation.run_folder(c.name)) is None
