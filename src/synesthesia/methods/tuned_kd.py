@@ -76,7 +76,7 @@ class GridCell:
 class Selection:
     """The chosen cell and the per-cell summary it was chosen from (mean/std of the val metric)."""
 
-    best: GridCell
+    best: Any  # a GridCell, or the ablation's setting of a tuned method: anything with a name
     metric: str
     summary: dict[str, dict[str, float]]
 
@@ -127,11 +127,12 @@ def expand_grid(cfg: MethodConfig) -> list[GridCell]:
 
 
 def select_best(
-    cells: list[GridCell],
+    cells: list[Any],
     results: Iterable[Mapping[str, Any]],
     metric: str = "val_acc",
 ) -> Selection:
-    """Pick the cell with the best mean ``metric`` over seeds.
+    """Pick the cell with the best mean ``metric`` over seeds (cells: anything named, a
+    :class:`GridCell` here, a tuned method's setting in the ablation).
 
     ``results`` are rows with ``"cell"`` (a cell name) and ``metric`` (higher is
     better), one per (cell, seed) run; extra keys are ignored. A metric whose
