@@ -343,6 +343,7 @@ def test_messy_weight_is_tuned_on_val_like_kd_and_replaces_untuned_rows(
         ({"messy": {"weight": [1.0, 1.0]}}, "repeated values"),
         ({"messy": {"alpha": [0.5, 2.0]}}, "outside [0, 1]"),
         ({"messy": {}}, "must map method fields to lists"),
+        ({"messy": {"weight": [0.1, 0.1000001]}}, "differ only past 6 significant digits"),
     ],
 )
 def test_tuning_mistakes_are_refused_up_front(tmp_path, tune, message):

@@ -123,6 +123,13 @@ def tuned_settings(cfg: PipelineConfig) -> dict[str, list[Setting]]:
         settings = method_settings(cfg, method, fields)
         if method in cfg.ablate.methods:
             out[method] = settings
+    for method, settings in out.items():  # each setting's runs are named by it: names must differ
+        names = [s.name for s in settings]
+        if len(set(names)) != len(names):
+            raise UserError(
+                f"{method}'s tuned values differ only past 6 significant digits ({', '.join(names)}); "
+                "give values that differ sooner"
+            )
     return out
 
 
