@@ -32,7 +32,7 @@ from synesthesia.ablate.stats import (
     pct,
     wilson_interval,
 )
-from synesthesia.ablate.tuning import describe
+from synesthesia.ablate.tuning import describe, row_fields
 from synesthesia.utils import atomic_write_text
 
 
@@ -97,12 +97,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         gap = math.nan
         if not math.isnan(teacher) and not math.isnan(base_mean) and teacher != base_mean:
             gap = (mean - base_mean) / (teacher - base_mean)
-        setting = {}  # a tuned method's setting (rows from before `setting_fields`: kd's α and T)
-        first = members[0]
-        if first.get("setting_fields"):
-            setting = {"setting_fields": first["setting_fields"]}
-        elif first.get("kd_alpha") is not None:
-            setting = {"setting_fields": {"alpha": first["kd_alpha"], "temperature": first["kd_temperature"]}}
+        fields = row_fields(members[0])  # a tuned method's setting
+        setting = {} if fields is None else {"setting_fields": fields}
         out.append(
             {
                 "method": method,
@@ -332,9 +328,8 @@ def _tuning_lines(tune: list[dict[str, Any]]) -> list[str]:
     ]
     cost: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in tune:
-        fields = r.get("setting_fields") or {"alpha": r["kd_alpha"], "temperature": r["kd_temperature"]}
         lines.append(
-            f"| {r['method']} | {r['source']} | {describe(fields)} | {pct(_num(r['val_acc']))} | "
+            f"| {r['method']} | {r['source']} | {describe(row_fields(r) or {})} | {pct(_num(r['val_acc']))} | "
             f"{pct(_num(r['test_acc']))} | {_fmt(_num(r['train_seconds']), '.1f')} | `{r['command']}` |"
         )
         cost[(r["method"], r["source"])].append(_num(r["train_seconds"]))

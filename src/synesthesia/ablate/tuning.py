@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from synesthesia import UserError
 from synesthesia.ablate.grid import append_row, method_kind
-from synesthesia.config import MethodConfig, PipelineConfig, build, check_section, to_dict
+from synesthesia.config import MethodConfig, PipelineConfig, to_dict
 
 if TYPE_CHECKING:
     from synesthesia.ablate.runner import Ablation
@@ -75,7 +75,8 @@ def kd_settings(cfg: PipelineConfig) -> list[Setting]:
 
 def method_settings(cfg: PipelineConfig, method: str, fields: dict[str, Any]) -> list[Setting]:
     """The settings of ``ablate.tune[method]``: every combination of its fields' values, in the
-    order given, each checked as a method section (types, ranges)."""
+    order given. Their types and ranges were checked when the pipeline was read (check_pipeline
+    bounds each value by its own field's range); here, what a grid of settings needs."""
     from synesthesia.methods import METHODS
 
     where = f"ablate.tune.{method}"
@@ -98,20 +99,13 @@ def method_settings(cfg: PipelineConfig, method: str, fields: dict[str, Any]) ->
     for key, vals in fields.items():
         if key not in TUNABLE:
             raise UserError(f"{where}: {key!r} is not a tunable method field; valid: {', '.join(TUNABLE)}")
-        if not isinstance(vals, list) or not vals:
+        if not vals:
             raise UserError(f"{where}.{key} must be a non-empty list of numbers, got {vals!r}")
-        for v in vals:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise UserError(f"{where}.{key} must hold finite numbers, got {v!r}")
         if len(set(vals)) != len(vals):
             raise UserError(f"{where}.{key} has repeated values: {vals!r}")
         values[key] = [float(v) for v in vals]
-    settings = []
-    for combo in itertools.product(*values.values()):
-        chosen = dict(zip(values, combo, strict=True))
-        check_section(build(MethodConfig, {**to_dict(cfg.method), "name": method, **chosen}, where), where)
-        settings.append(Setting(setting_name(chosen), chosen))
-    return settings
+    combos = (dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values()))
+    return [Setting(setting_name(chosen), chosen) for chosen in combos]
 
 
 def tuned_settings(cfg: PipelineConfig) -> dict[str, list[Setting]]:
@@ -146,11 +140,20 @@ def setting_row(method: str, setting: Setting) -> dict[str, Any]:
     return row
 
 
+def row_fields(row: dict[str, Any]) -> dict[str, float] | None:
+    """The tuned fields a row was trained with (KD rows from before ``setting_fields``: its α and T);
+    None for an untuned method's row."""
+    if row.get("setting_fields"):
+        return row["setting_fields"]
+    if row.get("kd_alpha") is not None:
+        return {"alpha": row["kd_alpha"], "temperature": row["kd_temperature"]}
+    return None
+
+
 def row_setting(ablation: Ablation, method: str, row: dict[str, Any]) -> Setting | None:
     """The setting a row of a tuned method was trained with (None: one its grid no longer has)."""
-    name = row.get("setting")
-    if name is None and method == "kd" and row.get("kd_alpha") is not None:  # rows from before `setting`
-        name = setting_name({"alpha": row["kd_alpha"], "temperature": row["kd_temperature"]})
+    fields = row_fields(row)
+    name = None if fields is None else setting_name(fields)
     return next((s for s in ablation.settings[method] if s.name == name), None)
 
 
