@@ -88,6 +88,25 @@ def test_an_error_in_the_caller_stops_the_running_processes(tmp_path):
     assert not (tmp_path / "long.json").exists()  # stopped, not left running for 30 s
 
 
+def test_a_run_made_ready_by_another_starts_in_the_free_slot_without_a_step_barrier(tmp_path):
+    """Tasks from a function: "after" is handed out only once "first" has finished, and starts
+    then, while the long independent "other" still runs (no waiting for a whole step)."""
+    pool = TrainPool(2, gpus=[], cores=2)
+    ready = [task(tmp_path, "first", 0.3), task(tmp_path, "other", 2.5)]
+    done = []
+
+    def finished(t, seconds):
+        done.append(t.name)
+        if t.name == "first":
+            ready.append(task(tmp_path, "after", 0.3))
+
+    pool.run(lambda: ready.pop(0) if ready else None, finished, most=3)
+    assert done == ["first", "after", "other"]
+    first, other, after = (record(tmp_path, n) for n in ("first", "other", "after"))
+    assert first["end"] <= after["start"] < other["end"]
+    assert {r["env"]["OMP_NUM_THREADS"] for r in (first, other, after)} == {"1"}
+
+
 @pytest.mark.parametrize("jobs", [0, 65])
 def test_jobs_are_bounded(jobs):
     with pytest.raises(UserError, match="--jobs"):

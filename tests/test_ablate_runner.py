@@ -261,14 +261,13 @@ def test_tuned_kd_is_selected_on_val_not_test(tmp_path, shards, monkeypatch):
             row = rows[f"kd-{source}-s{seed}"]
             assert (row["kd_alpha"], row["kd_temperature"]) == (0.7, 4.0)
             assert row["tune_runs"] == 4 and row["tune_seconds"] >= 0
-    # 2 teachers + 2 ce + 2 sources x (4 tuning runs + 1 more seed); ce trains beside the teachers
+    # 2 teachers + 2 ce + 2 sources x (4 tuning runs + 1 more seed)
     assert len(calls) == 2 + 2 + 2 * (4 + 1)
-    assert [name for name, _ in calls[:4]] == [
-        "teacher-latent-s0",
-        "teacher-decoded-s0",
-        "ce-none-s0",
-        "ce-none-s1",
-    ]
+    # one at a time: the teachers, the tuning runs they make ready, then the cells seed by seed
+    names = [name for name, _ in calls]
+    assert names[:2] == ["teacher-latent-s0", "teacher-decoded-s0"]
+    assert all("-s0-a" in name for name in names[2:10])
+    assert names[10:] == ["ce-none-s0", "ce-none-s1", "kd-latent-s1-a0.7-T4", "kd-decoded-s1-a0.7-T4"]
     assert rows["ce-none-s0"]["teacher_acc"] is None and rows["ce-none-s0"]["stage1_s_per_sample"] == 0.0
     text = (out / "summary.md").read_text()
     assert "kd (α=0.7, T=4)" in text and "Tuning cost" in text

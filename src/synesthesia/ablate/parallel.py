@@ -1,13 +1,15 @@
 """Training runs side by side: ``synesthesia ablate --jobs N``.
 
-The runs of one ablation step (the teachers, a tuned method's settings at one source, the
-cells) do not depend on each other, so :class:`TrainPool` trains up to ``jobs``
-of them at once, each as its own ``synesthesia train`` process: the command its
-results row records, so a run trained here is the run that command makes.
+:class:`TrainPool` trains up to ``jobs`` runs at once, each as its own
+``synesthesia train`` process: the command its results row records, so a run
+trained here is the run that command makes. It takes either a list of tasks or a
+function that hands it the next task ready to start (the ablation's
+:class:`~synesthesia.ablate.schedule.Schedule`, where a finished run can make
+others ready), and starts one whenever a slot is free.
 Each process gets a slot: on a machine with GPUs, one GPU of the visible ones
 (``CUDA_VISIBLE_DEVICES``, round robin when there are more jobs than GPUs); on
-a CPU, an equal share of the cores (``OMP_NUM_THREADS``; a step with fewer runs than
-``jobs`` shares the cores among those). Small models do not
+a CPU, an equal share of the cores (``OMP_NUM_THREADS``; fewer runs in all than
+``jobs`` share the cores among them). Small models do not
 use many cores well: two one-thread runs on a 2-core CPU trained the scenes
 students 1.75× faster in total than one two-thread run (0.60 + 0.60 against
 0.69 step/s).
@@ -90,18 +92,38 @@ class TrainPool:
         threads = max(1, self.cores // self.jobs)
         return f"{self.jobs} runs at once, {threads} CPU thread(s) each ({self.cores} cores)"
 
-    def run(self, tasks: Sequence[Task], on_done: Callable[[Task, float], None]) -> None:
-        """Run every task; ``on_done(task, wall seconds)`` is called here, as each one succeeds."""
-        pending = list(tasks)
-        width = max(1, min(self.jobs, len(pending)))  # fewer tasks than jobs: each gets more cores
+    def run(
+        self,
+        tasks: Sequence[Task] | Callable[[], Task | None],
+        on_done: Callable[[Task, float], None],
+        *,
+        most: int | None = None,
+    ) -> None:
+        """Run every task; ``on_done(task, wall seconds)`` is called here, as each one succeeds.
+
+        ``tasks`` is a list, or a function returning the next task ready to start (None when none
+        is ready now; it is asked again after each ``on_done``, and the pool ends when it has
+        nothing and nothing runs). With fewer tasks than jobs each gets more cores: ``most`` is
+        an upper bound on how many a function will hand out (its default: ``jobs``)."""
+        if callable(tasks):
+            take, most = tasks, self.jobs if most is None else most
+        else:
+            pending = list(tasks)
+            take, most = (lambda: pending.pop(0) if pending else None), len(pending)
+        width = max(1, min(self.jobs, most))  # fewer tasks than jobs: each gets more cores
         free = list(range(width))
         running: dict[int, tuple[Task, subprocess.Popen, float]] = {}
         failed: list[tuple[Task, int]] = []
         try:
-            while pending or running:
-                while pending and free and not failed:
-                    slot, task = free.pop(0), pending.pop(0)
+            while True:
+                while free and not failed:
+                    task = take()
+                    if task is None:
+                        break
+                    slot = free.pop(0)
                     running[slot] = (task, self._start(task, slot, width), time.perf_counter())
+                if not running:
+                    break
                 time.sleep(POLL_S)
                 for slot, (task, proc, start) in list(running.items()):
                     code = proc.poll()
@@ -113,8 +135,6 @@ class TrainPool:
                         on_done(task, time.perf_counter() - start)
                     else:
                         failed.append((task, code))
-                if failed and not running:
-                    break
         except BaseException:
             _stop([proc for _, proc, _ in running.values()])
             raise

@@ -26,8 +26,11 @@ The steps, each skipped when an earlier run left it complete:
    then used for every seed, so the tuning run at the tune seed *is* that
    seed's cell. Each setting's run is a ``role: "tune"`` row of results.jsonl
    and the tuning seconds are reported beside the method's rows.
-5. **Cells**, seed by seed (a stopped ablation holds whole seeds, which pair);
-   the ``ce`` cells train beside the teachers (step 3). Each appends one row to
+5. **Cells**, seed by seed (a stopped ablation holds whole seeds, which pair).
+   Steps 3-5 are not barriers: each run starts as soon as what it needs has
+   finished (:mod:`~synesthesia.ablate.schedule`), so with ``--jobs`` the ``ce``
+   cells train beside the teachers and one source's cells beside another's
+   tuning runs. Each appends one row to
    ``results.jsonl`` when it finishes, so a killed ablation rerun skips completed cells. A run that was
    killed part-way resumes from its latest checkpoint when it has one, else it
    starts over.
@@ -42,6 +45,7 @@ This module is :class:`Ablation`, the steps in order. What each step draws on:
 :mod:`~synesthesia.ablate.grid` (the cells, results.jsonl),
 :mod:`~synesthesia.ablate.stage_one_sets` (step 2: a source's generators,
 overrides and sidecar sets), :mod:`~synesthesia.ablate.tuning` (step 4),
+:mod:`~synesthesia.ablate.schedule` (the order runs train in, steps 3-5),
 :mod:`~synesthesia.ablate.runs` (a training job, its finished metrics and loss
 curves), :mod:`~synesthesia.ablate.planning` (``--plan``: what is left, and an
 estimate of its time) and :mod:`~synesthesia.ablate.report` (step 6).
@@ -56,6 +60,7 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +89,16 @@ from synesthesia.ablate.runs import (
     qualify,
     training_hash,
 )
+from synesthesia.ablate.schedule import CELLS, TEACHERS, TUNING_RUNS, Schedule
 from synesthesia.ablate.stage_one_sets import data_overrides, sidecar_dirs, stage_one_overrides
-from synesthesia.ablate.tuning import Setting, setting_row, tune_method, tune_seed, tuned_settings
+from synesthesia.ablate.tuning import (
+    Setting,
+    select_setting,
+    setting_row,
+    tune_seed,
+    tuned_settings,
+    tuning_jobs,
+)
 from synesthesia.config import (
     MethodConfig,
     PipelineConfig,
@@ -188,7 +201,7 @@ class Ablation:
         self.cells = _check(cfg)
         # each labelled method's checked `method.*` overrides, once (every job of the method adds them)
         self.variants = {m: variant_overrides(cfg, m, f) for m, f in cfg.ablate.variants.items()}
-        # --jobs N: the runs of a step train side by side, each as a `synesthesia train` process
+        # --jobs N: ready runs train side by side, each as a `synesthesia train` process
         self.pool = TrainPool(jobs) if jobs > 1 else None
         self.shards, self.runs = Path(shards), Path(runs)
         self.out = Path(out) if out is not None else Path("results") / cfg.name
@@ -334,43 +347,6 @@ class Ablation:
             "stage1_command": (ledger.get("commands") or {}).get(source, ""),
         }
 
-    def run_jobs(
-        self,
-        jobs: list[Job],
-        on_done: Callable[[Job, dict[str, Any]], None],
-        tick: Callable[[str], None] | None = None,
-    ) -> None:
-        """Train (or reuse) every job; ``on_done(job, result)`` is called in this process as each
-        finishes (:meth:`run_job`'s result), then ``tick(name)`` for each one trained here. One at
-        a time, or with ``--jobs`` up to that many at once, each as the ``synesthesia train``
-        process its command names."""
-        fresh = {job.name for job in jobs if _finished(self.run_folder(job.name)) is None}
-
-        def done(job: Job, result: dict[str, Any]) -> None:
-            on_done(job, result)
-            if tick is not None and job.name in fresh:
-                tick(job.name)
-
-        if self.pool is None:
-            for job in jobs:
-                done(job, self.run_job(job))
-            return
-        for job in jobs:
-            if job.name not in fresh:
-                done(job, self.run_job(job))
-        by_name = {job.name: job for job in jobs if job.name in fresh}
-
-        def trained(task: Task, seconds: float) -> None:
-            job = by_name[task.name]
-            run = self.run_folder(job.name)
-            if _finished(run) is None:
-                raise UserError(f"training {job.name} exited 0 but left no finished run in {run}")
-            record = {"seconds": seconds, "jobs": self.pool.jobs, **self._record(job)}
-            atomic_write_text(run / TIMING, json.dumps(record) + "\n")
-            done(job, self.run_job(job))
-
-        self.pool.run([self._task(job) for job in by_name.values()], trained)
-
     def _task(self, job: Job) -> Task:
         """The process that trains ``job``: the command of its row (resuming a killed run)."""
         import sys
@@ -471,18 +447,16 @@ class Ablation:
         selected: dict[tuple[str, str], Setting] = {}  # (method, source) -> its setting
         tuning: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in self.settings}
         teacher_jobs = {self.teacher_job(source).name: source for source in self.sources}
-        cell_of: dict[str, Cell] = {}
+        seeds = list(self.cfg.ablate.seeds)
+        schedule = Schedule(self, tick)
 
-        def cell_jobs(cells: list[Cell]) -> list[Job]:
-            jobs = []
-            for cell in cells:
-                job = self.student_job(cell.method, cell.source, cell.seed, selected.get(cell.key))
-                cell_of[job.name] = cell
-                jobs.append(job)
-            return jobs
+        def add_cells(which: Callable[[Cell], bool]) -> None:
+            for cell in self.cells_by_seed(done):
+                if which(cell):
+                    job = self.student_job(cell.method, cell.source, cell.seed, selected.get(cell.key))
+                    schedule.add(job, (CELLS, seeds.index(cell.seed)), partial(cell_done, cell))
 
-        def cell_done(job: Job, result: dict[str, Any]) -> None:
-            cell = cell_of[job.name]
+        def cell_done(cell: Cell, job: Job, result: dict[str, Any]) -> None:
             setting = selected.get(cell.key)
             row = self._row(job, result, curves=method_kind(cell.method) == "messy")
             row.update(costs[cell.source])
@@ -493,38 +467,43 @@ class Ablation:
             row["role"] = "cell"
             done[cell.name] = append_row(self.out, {"cell": cell.name, **asdict(cell), **row})
 
-        def finished(job: Job, result: dict[str, Any]) -> None:
-            if job.name in teacher_jobs:
-                teachers[teacher_jobs[job.name]] = {
-                    "teacher_acc": _acc(result["metrics"], "test"),
-                    "teacher_val_acc": _acc(result["metrics"], "best"),
-                    "teacher_seconds": result["seconds"],
-                    "teacher_run": result["run"],
-                    "teacher_command": job.command,
-                    "teacher_weights": teacher_weights(self, teacher_jobs[job.name]),
-                }
-            else:
-                cell_done(job, result)
+        def teacher_done(job: Job, result: dict[str, Any]) -> None:
+            source = teacher_jobs[job.name]
+            teachers[source] = {
+                "teacher_acc": _acc(result["metrics"], "test"),
+                "teacher_val_acc": _acc(result["metrics"], "best"),
+                "teacher_seconds": result["seconds"],
+                "teacher_run": result["run"],
+                "teacher_command": job.command,
+                "teacher_weights": teacher_weights(self, source),
+            }
+            drop_stale(self, done)  # with this teacher trained: rows distilled from another one go
+            for method in self.settings:
+                jobs, tuned = tuning_jobs(self, method, source, done, costs, teachers)
+                left = {j.name for j in jobs}
+                if not left:
+                    choose(method, source)
+                for j in jobs:
+                    schedule.add(j, (TUNING_RUNS, 0), partial(tuning_done, tuned, left, method, source))
+            add_cells(lambda c: c.source == source and c.method not in self.settings)
 
-        # 1. the teachers, and beside them the cells that need none (ce)
-        jobs = [self.teacher_job(source) for source in self.sources]
-        jobs += cell_jobs([c for c in self.cells_by_seed(done) if c.source == "none"])
-        self.run_jobs(jobs, finished, tick)
-        drop_stale(self, done)  # with the teachers trained: rows distilled from another teacher go
+        def tuning_done(tuned, left: set[str], method: str, source: str, job: Job, result) -> None:
+            tuned(job, result)
+            left.discard(job.name)
+            if not left:
+                choose(method, source)
 
-        # 2. the tuned methods (kd, ablate.tune), per source
-        for method in self.settings:
-            for source in self.sources:
-                chosen, tuning[method][source] = tune_method(
-                    self, method, source, done, costs, teachers, tick
-                )
-                selected[(method, source)] = chosen
-        if self.settings:
+        def choose(method: str, source: str) -> None:
+            selected[(method, source)], tuning[method][source] = select_setting(self, method, source, done)
             atomic_write_text(self.out / TUNING, json.dumps(tuning, indent=2, sort_keys=True) + "\n")
+            add_cells(lambda c: c.key == (method, source))
 
-        # 3. the other cells
-        jobs = cell_jobs([c for c in self.cells_by_seed(done) if c.source != "none"])
-        self.run_jobs(jobs, finished, tick)
+        # the teachers first; the ce cells need none, and take the cores a lone teacher leaves;
+        # each finished teacher makes its source's tuning runs and cells ready (schedule.py)
+        for source in self.sources:
+            schedule.add(self.teacher_job(source), (TEACHERS, 0), teacher_done)
+        add_cells(lambda c: c.source == "none")
+        schedule.run(most=plan.todo_runs)
         complete_rows(self, done)  # teacher reliance and MESSy heads' R², also for rows from before
         runs_done.close()
         path = self.report()

@@ -9,8 +9,9 @@ tuned on this data. Per source, every setting is trained at
 accuracy (:func:`synesthesia.methods.tuned_kd.select_best`: ties by grid order)
 is used for every seed, so the tuning run at the tune seed *is* that seed's
 cell. Each setting's run is a ``role: "tune"`` row of results.jsonl;
-:func:`tune_method` returns the selection and its cost (runs, seconds), which
-the runner writes to ``tuning.json`` and beside the method's rows. A
+:func:`tuning_jobs` gives the runs and :func:`select_setting`, once they have
+finished, the selection and its cost (runs, seconds), which the runner writes to
+``tuning.json`` and beside the method's rows. A
 one-setting grid is no tuning: it is used as given.
 """
 
@@ -157,15 +158,13 @@ def row_setting(ablation: Ablation, method: str, row: dict[str, Any]) -> Setting
     return next((s for s in ablation.settings[method] if s.name == name), None)
 
 
-def tune_method(ablation: Ablation, method: str, source, done, costs, teachers, tick):
-    """Train (or reuse) ``method``'s settings at the tune seed; pick the best val accuracy."""
-    from synesthesia.methods.tuned_kd import select_best
-
+def tuning_jobs(ablation: Ablation, method: str, source: str, done, costs, teachers):
+    """The runs that tune ``method`` at ``source`` (its settings at the tune seed without a row yet),
+    and the callback that writes each one's ``role: "tune"`` row when it finishes."""
     seed = tune_seed(ablation.cfg)
     settings = ablation.settings[method]
     if len(settings) == 1:
-        s = settings[0]
-        return s, {"selected": s.name, "fields": s.fields, "runs": 0, "seconds": 0.0}
+        return [], None
     pending = [s for s in settings if ablation.tune_cell_name(method, source, s) not in done]
     jobs = [ablation.student_job(method, source, seed, s) for s in pending]
     setting_of = {job.name: s for job, s in zip(jobs, pending, strict=True)}
@@ -188,7 +187,18 @@ def tune_method(ablation: Ablation, method: str, source, done, costs, teachers, 
         }
         done[name] = append_row(ablation.out, full)
 
-    ablation.run_jobs(jobs, tuned, tick)
+    return jobs, tuned
+
+
+def select_setting(ablation: Ablation, method: str, source: str, done) -> tuple[Setting, dict[str, Any]]:
+    """``method``'s setting at ``source`` once every tuning row is in ``done``: the best on val, and
+    what the tuning cost (for ``tuning.json`` and the method's rows)."""
+    from synesthesia.methods.tuned_kd import select_best
+
+    settings = ablation.settings[method]
+    if len(settings) == 1:
+        s = settings[0]
+        return s, {"selected": s.name, "fields": s.fields, "runs": 0, "seconds": 0.0}
     rows = [{**done[ablation.tune_cell_name(method, source, s)], "cell": s.name} for s in settings]
     selection = select_best(settings, rows, metric="val_acc")
     best = selection.best
@@ -205,7 +215,7 @@ def tune_method(ablation: Ablation, method: str, source, done, costs, teachers, 
         "runs": len(rows),
         "seconds": sum(float(r["train_seconds"]) for r in rows if not math.isnan(r["train_seconds"])),
         "val_acc": {name: s["mean"] for name, s in selection.summary.items()},
-        "seed": seed,
+        "seed": tune_seed(ablation.cfg),
     }
 
 
