@@ -272,6 +272,19 @@ def test_early_stopping_on_val_keeps_the_best_and_resumes_no_further(shards, tmp
         again = train(cfg, tmp_path, resume="latest")
     assert again["steps"] == steps and again["stopped_early"]
     assert "differs from its config.json" not in caplog.text
+    # only what training depends on counts: another ablate section (an ablation resuming the run
+    # under other ablate.* overrides) is the same run; another learning rate is not
+    with caplog.at_level(logging.WARNING, logger="synesthesia"):
+        train(
+            tiny(shards, "train.stage=student", "method.name=ce", *overrides, "ablate.seeds=[7]"),
+            tmp_path,
+            resume="latest",
+        )
+    assert "differs from its config.json" not in caplog.text
+    moved = [o.replace("train.lr=0", "train.lr=0.5") for o in overrides]
+    with caplog.at_level(logging.WARNING, logger="synesthesia"):
+        train(tiny(shards, "train.stage=student", "method.name=ce", *moved), tmp_path, resume="latest")
+    assert "differs from its config.json" in caplog.text
     with pytest.raises(UserError, match="early_stop_patience"):
         train(tiny(shards, "train.early_stop_patience=-1"), tmp_path)
 

@@ -1,7 +1,7 @@
 """Which finished work an ablation may reuse: rows of results.jsonl and run folders.
 
 A row or a run is reused only when this pipeline would train it the same way:
-its written config's training hash (:func:`~synesthesia.ablate.runs.training_hash`,
+its written config's training hash (:func:`~synesthesia.config.training_hash`,
 recomputed by this version: a student's leaves the teacher section out) equals
 that of this grid's job, and for a student with a teacher, that teacher is the
 one trained now: the digest of the teacher's weights recorded in the run's TIMING
@@ -19,9 +19,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from synesthesia.ablate.runs import TIMING, training_hash
+from synesthesia.ablate.runs import TIMING
 from synesthesia.ablate.tuning import row_setting
-from synesthesia.config import replace
+from synesthesia.config import replace, training_hash
 
 if TYPE_CHECKING:
     from synesthesia.ablate.runner import Ablation

@@ -87,7 +87,6 @@ from synesthesia.ablate.runs import (
     _logged_span,
     loss_curves,
     qualify,
-    training_hash,
 )
 from synesthesia.ablate.schedule import CELLS, TEACHERS, TUNING_RUNS, Schedule
 from synesthesia.ablate.stage_one_sets import data_overrides, sidecar_dirs, stage_one_overrides
@@ -107,6 +106,7 @@ from synesthesia.config import (
     config_hash,
     replace,
     to_dict,
+    training_hash,
 )
 from synesthesia.progress import progress
 from synesthesia.utils import atomic_write_text

@@ -2,8 +2,8 @@
 
 A :class:`Job` is a run's name, overrides and ``synesthesia train`` command
 (:func:`qualify` writes the user's bare override keys in full, as the CLI reads them).
-:func:`training_hash` is the config hash a finished run must match to be
-reused (everything but the ``ablate`` section). From a run folder:
+:func:`~synesthesia.config.training_hash` is the config hash a finished run must
+match to be reused (everything but the ``ablate`` section). From a run folder:
 :func:`_finished` (its metrics once it has a test accuracy), :func:`_acc`,
 :func:`loss_curves` (``loss`` and the MESSy terms from ``logs/metrics.jsonl``,
 thinned) and :func:`_logged_span` (the seconds its log spans, restarts left
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synesthesia.config import PipelineConfig, comparable, config_hash, to_dict, written_config
+from synesthesia.config import PipelineConfig
 
 TIMING = "ablate_time.json"  # written into each run folder by the ablation: wall seconds of train(), and more
 CURVE_POINTS = 200  # loss curves kept in results.jsonl are thinned to about this many points
@@ -45,28 +45,6 @@ def qualify(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
         key = text.split("=", 1)[0]
         out.append(f"{section}.{text}" if "." not in key and key not in top else text)
     return out
-
-
-def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
-    """The config hash of what a training run depends on: everything but the ``ablate`` section,
-    the ``teacher`` section for a student (``student`` for a teacher), ``train.save_every`` and
-    ``train.run_name`` (the run's folder name: a run moved to another name is the same run).
-
-    A written config (a dict) is read by this version first (fields added since take their
-    defaults: :func:`~synesthesia.config.written_config`); None when it no longer reads.
-    """
-    if not isinstance(cfg, PipelineConfig):
-        cfg = written_config(cfg)
-        if cfg is None:
-            return None
-    data = to_dict(comparable(cfg))
-    data.pop("ablate", None)
-    # a student reads no teacher section (its teacher is a trained run, which the ablation
-    # identifies by its weights: ablate/reuse.py) and a teacher no student section
-    data.pop("teacher" if cfg.train.stage == "student" else "student", None)
-    data["train"].pop("save_every", None)  # how often it checkpoints: resuming is exact, the run the same
-    data["train"].pop("run_name", None)
-    return config_hash(data)
 
 
 def _finished(run: Path) -> dict[str, Any] | None:

@@ -12,7 +12,14 @@ config hash), ``checks`` (every number's bounds, the names that become folders),
 importable from ``synesthesia.config``.
 """
 
-from synesthesia.config.building import build, comparable, config_hash, to_dict, written_config
+from synesthesia.config.building import (
+    build,
+    comparable,
+    config_hash,
+    to_dict,
+    training_hash,
+    written_config,
+)
 from synesthesia.config.checks import BOUNDS, check_pipeline, check_section
 from synesthesia.config.loading import (
     apply_overrides,
@@ -52,6 +59,7 @@ __all__ = [
     "apply_overrides",
     "build",
     "comparable",
+    "training_hash",
     "check_pipeline",
     "check_section",
     "config_hash",

@@ -161,3 +161,25 @@ def written_config(data: dict[str, Any]) -> PipelineConfig | None:
         return build(PipelineConfig, dict(data))
     except (UserError, TypeError, ValueError):
         return None
+
+
+def training_hash(cfg: PipelineConfig | dict[str, Any]) -> str | None:
+    """The config hash of what a training run depends on: everything but the ``ablate`` section,
+    the ``teacher`` section for a student (``student`` for a teacher), ``train.save_every`` and
+    ``train.run_name`` (the run's folder name: a run moved to another name is the same run).
+
+    A written config (a dict) is read by this version first (fields added since take their
+    defaults: :func:`~synesthesia.config.written_config`); None when it no longer reads.
+    """
+    if not isinstance(cfg, PipelineConfig):
+        cfg = written_config(cfg)
+        if cfg is None:
+            return None
+    data = to_dict(comparable(cfg))
+    data.pop("ablate", None)
+    # a student reads no teacher section (its teacher is a trained run, which the ablation
+    # identifies by its weights: ablate/reuse.py) and a teacher no student section
+    data.pop("teacher" if cfg.train.stage == "student" else "student", None)
+    data["train"].pop("save_every", None)  # how often it checkpoints: resuming is exact, the run the same
+    data["train"].pop("run_name", None)
+    return config_hash(data)

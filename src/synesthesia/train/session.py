@@ -222,14 +222,16 @@ def unwrap_models(s: Session) -> None:
 
 
 def _warn_if_config_changed(cfg, previous_run: Path) -> None:
-    """Resuming under another config is allowed (e.g. more epochs) but no longer reproduces the run."""
-    from synesthesia.config import comparable, config_hash, written_config
+    """Resuming under another config is allowed (e.g. more epochs) but no longer reproduces the run.
+    Only what training depends on counts (:func:`~synesthesia.config.training_hash`): not the
+    ``ablate`` section, so an ablation resuming a run under other ``ablate.*`` overrides is quiet."""
+    from synesthesia.config import training_hash
     from synesthesia.shards.schema import read_json_file
 
     written = previous_run / "config.json"
     if not written.is_file():
         return
     data = read_json_file(written)  # read as this version reads it: options added since take defaults
-    before = written_config(data.get("config") or {}) if isinstance(data, dict) else None
-    if before is None or config_hash(comparable(before)) != config_hash(comparable(cfg)):
+    before = training_hash(data.get("config") or {}) if isinstance(data, dict) else None
+    if before is None or before != training_hash(cfg):
         logger.warning("resuming %s with a config that differs from its config.json", previous_run)
