@@ -326,6 +326,12 @@ def test_messy_weight_is_tuned_on_val_like_kd_and_replaces_untuned_rows(
     assert selection["messy"]["latent"]["selected"] == "w0.1" and selection["messy"]["latent"]["runs"] == 2
     text = (out / "summary.md").read_text()
     assert "| messy (w=0.1) | latent | 3 |" in text and "| messy | latent | w=1 | 40.00 |" in text
+    # another results folder over the same runs knows the selection from the finished tuning runs,
+    # so it plans no training; one more seed is one run, at the selected setting
+    again = Ablation(tuned, path, shards=shards, runs=runs, out=tmp_path / "again")
+    assert "to do: 6 of 6 cells, 0 teacher(s), 0 tuning run(s) — 0 training runs" in again.plan().lines[-1]
+    more = Ablation(replace(tuned, ["ablate.seeds=[0,1,2,3]"]), path, shards=shards, runs=runs, out=out)
+    assert "to do: 2 of 8 cells, 0 teacher(s), 0 tuning run(s) — 2 training runs" in more.plan().lines[-1]
     # a sweep over fewer methods keeps the tune entry of a method it leaves out unused
     assert set(Ablation(replace(tuned, ["ablate.methods=[ce,kd]"]), path).settings) == {"kd"}
 

@@ -20,7 +20,7 @@ from synesthesia.ablate.grid import Cell, read_results
 from synesthesia.ablate.reuse import read_timing, row_is_current
 from synesthesia.ablate.runs import _finished
 from synesthesia.ablate.stage_one_sets import sidecar_dirs
-from synesthesia.ablate.tuning import tune_seed, tuning_line
+from synesthesia.ablate.tuning import known_setting, tune_seed, tuning_line
 from synesthesia.config import replace
 
 if TYPE_CHECKING:
@@ -170,11 +170,16 @@ def plan(ablation: Ablation) -> Plan:
     todo_cells = [c for c in ablation.cells if c.name not in done]
 
     def trains(c: Cell) -> bool:
-        # a tuned method's run is named by the setting selected; at the tune seed, a tuning run
-        if c.method in ablation.settings:
-            return not (ablation.tuned(c.method) and c.seed == tune_seed(ablation.cfg))
         # a run another results folder's grid finished (a sweep sharing the runs) is reused, not trained
-        return _finished(ablation.run_folder(c.name)) is None
+        name = c.name
+        if c.method in ablation.settings:  # a tuned method's run is named by the setting selected
+            if ablation.tuned(c.method) and c.seed == seed:
+                return False  # its tuning run, counted above
+            setting = known_setting(ablation, c.method, c.source, done)
+            if setting is None:  # selected only once the tuning has run: to train, as far as we know
+                return True
+            name = ablation.student_job(c.method, c.source, c.seed, setting).name
+        return _finished(ablation.run_folder(name)) is None
 
     todo_students = tune_todo + sum(1 for c in todo_cells if trains(c))
     estimate += student_s * todo_students

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from synesthesia import UserError
 from synesthesia.ablate.grid import append_row, method_kind
+from synesthesia.ablate.runs import _acc, _finished
 from synesthesia.config import MethodConfig, PipelineConfig, to_dict
 
 if TYPE_CHECKING:
@@ -217,6 +218,28 @@ def select_setting(ablation: Ablation, method: str, source: str, done) -> tuple[
         "val_acc": {name: s["mean"] for name, s in selection.summary.items()},
         "seed": tune_seed(ablation.cfg),
     }
+
+
+def known_setting(ablation: Ablation, method: str, source: str, done) -> Setting | None:
+    """The setting ``method``'s cells at ``source`` will train with, where it is known before any
+    work (for the plan): every setting's tuning row is in ``done``, or its tuning run has finished
+    (another results folder over the same runs); None while one has not."""
+    from synesthesia.methods.tuned_kd import select_best
+
+    settings = ablation.settings[method]
+    if len(settings) == 1:
+        return settings[0]
+    rows = []
+    for s in settings:
+        row = done.get(ablation.tune_cell_name(method, source, s))
+        if row is None:
+            job = ablation.student_job(method, source, tune_seed(ablation.cfg), s)
+            metrics = _finished(ablation.run_folder(job.name))
+            row = None if metrics is None else {"val_acc": _acc(metrics, "best")}
+        if row is None or not math.isfinite(float(row.get("val_acc", math.nan))):
+            return None
+        rows.append({"val_acc": row["val_acc"], "cell": s.name})
+    return select_best(settings, rows, metric="val_acc").best
 
 
 def tuning_line(settings: dict[str, list[Setting]], sources: int, seed: int) -> str:
