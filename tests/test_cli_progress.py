@@ -239,7 +239,10 @@ def test_plan_on_cpu_names_its_cores(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     plan = _plan(tmp_path, tmp_path / "runs")
-    assert f"on CPU, {os.cpu_count()} cores" in plan.lines[-1]
+    assert f"on CPU, {len(os.sched_getaffinity(0))} cores" in plan.lines[-1]
+    # pinned to fewer cores (taskset), it plans for those, as --jobs shares them
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert "on CPU, 1 cores" in _plan(tmp_path, tmp_path / "runs").lines[-1]
 
 
 def test_every_long_verb_is_registered():

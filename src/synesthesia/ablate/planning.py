@@ -11,12 +11,12 @@ are what ``synesthesia ablate --plan`` prints and what a run logs first.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synesthesia.ablate.grid import Cell, read_results
+from synesthesia.ablate.parallel import cpu_cores
 from synesthesia.ablate.reuse import read_timing, row_is_current
 from synesthesia.ablate.runs import _finished
 from synesthesia.ablate.stage_one_sets import sidecar_dirs
@@ -48,12 +48,13 @@ def plan_device(device: str) -> str:
 
 
 def device_name(kind: str) -> str:
-    """The device in words: the GPU's name, or ``CPU, N cores``."""
+    """The device in words: the GPU's name, or ``CPU, N cores`` (the cores this process may use:
+    ``taskset -c 0 synesthesia ablate ...`` plans for one)."""
     if kind == "cuda":
         import torch
 
         return torch.cuda.get_device_name()
-    return f"CPU, {os.cpu_count() or 1} cores"
+    return f"CPU, {cpu_cores()} cores"
 
 
 def measured_speed(runs: Path, kind: str) -> dict[str, tuple[float, int]]:
