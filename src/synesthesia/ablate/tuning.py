@@ -236,9 +236,10 @@ def known_setting(ablation: Ablation, method: str, source: str, done) -> Setting
             job = ablation.student_job(method, source, tune_seed(ablation.cfg), s)
             metrics = _finished(ablation.run_folder(job.name))
             row = None if metrics is None else {"val_acc": _acc(metrics, "best")}
-        if row is None or not math.isfinite(float(row.get("val_acc", math.nan))):
-            return None
-        rows.append({"val_acc": row["val_acc"], "cell": s.name})
+        value = None if row is None else row.get("val_acc")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return None  # not trained yet, or a row whose val accuracy is missing or unreadable
+        rows.append({"val_acc": value, "cell": s.name})
     return select_best(settings, rows, metric="val_acc").best
 
 
