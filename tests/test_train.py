@@ -251,6 +251,10 @@ def test_early_stop_rule():
     assert early_stop_due(history, {"epoch": 2}, 2)
     assert not early_stop_due(history, {"epoch": 0}, 0)  # 0: never
     assert not early_stop_due([], {}, 3)
+    # a minimum of epochs: epoch 4 is the 5th trained, so 5 lets the patience end it and 6 does not
+    assert early_stop_due(history, {"epoch": 2}, 2, min_epochs=5)
+    assert not early_stop_due(history, {"epoch": 2}, 2, min_epochs=6)
+    assert not early_stop_due(history, {"epoch": 0}, 2, min_epochs=6)
 
 
 def test_early_stopping_on_val_keeps_the_best_and_resumes_no_further(shards, tmp_path, caplog):
@@ -287,6 +291,13 @@ def test_early_stopping_on_val_keeps_the_best_and_resumes_no_further(shards, tmp
     assert "differs from its config.json" in caplog.text
     with pytest.raises(UserError, match="early_stop_patience"):
         train(tiny(shards, "train.early_stop_patience=-1"), tmp_path)
+    # with a minimum of 5 epochs the same flat run trains 5 of its 6, then stops
+    late = tiny(shards, "train.stage=student", "method.name=ce", *overrides, "train.early_stop_min_epochs=5")
+    metrics = train(late, tmp_path / "late")
+    assert metrics["stopped_early"] and metrics["epochs_trained"] == 5 and metrics["best"]["epoch"] == 0
+    assert metrics["early_stop_min_epochs"] == 5
+    with pytest.raises(UserError, match="early_stop_min_epochs"):
+        train(tiny(shards, "train.early_stop_min_epochs=-1"), tmp_path)
 
 
 def test_messy_heads_r2_probe(shards, tmp_path, capsys):

@@ -158,6 +158,7 @@ BOUNDS: dict[type, dict[str, Range]] = {
     sections.TrainConfig: {
         "epochs": EPOCHS,
         "early_stop_patience": closed(0, 10**6),
+        "early_stop_min_epochs": closed(0, 10**6),
         "batch_size": BATCH,
         "lr": LR,
         "weight_decay": WEIGHT_DECAY,

@@ -197,6 +197,9 @@ class TrainConfig:
     # stop when val accuracy has not improved for this many epochs (0: never); the weights
     # selected on val are the ones kept and tested either way
     early_stop_patience: int = 0
+    # epochs trained before the patience may end a run (Keras' start_from_epoch, Lightning's
+    # min_epochs): a run still at chance after a slow start is not stopped there
+    early_stop_min_epochs: int = 0
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05

@@ -29,7 +29,8 @@ Each feature stays visible:
   log line with n/N and the ETA every 30 s);
 - model selection on val (top-1, evaluated after every epoch; ``best/``),
   early stopping on it (``train.early_stop_patience`` epochs without a better
-  val accuracy end the run; ``train.epochs`` caps it and sizes the cosine
+  val accuracy end the run, once ``train.early_stop_min_epochs`` have trained;
+  ``train.epochs`` caps it and sizes the cosine
   schedule), and the test split evaluated once, at the end, with the selected
   weights.
 
@@ -245,7 +246,9 @@ def end_epoch(s: Session) -> None:
         if accelerator.is_main_process:
             save_best(s)
     accelerator.wait_for_everyone()
-    if val_loader is not None and early_stop_due(state.history, state.best, t.early_stop_patience):
+    if val_loader is not None and early_stop_due(
+        state.history, state.best, t.early_stop_patience, t.early_stop_min_epochs
+    ):
         state.stopped = True
         logger.info(
             "%s: val accuracy has not improved for %d epochs (best %.4f at epoch %d): stopping",
@@ -259,10 +262,14 @@ def end_epoch(s: Session) -> None:
         save_checkpoint(s)
 
 
-def early_stop_due(history: list[dict[str, Any]], best: dict[str, Any], patience: int) -> bool:
+def early_stop_due(
+    history: list[dict[str, Any]], best: dict[str, Any], patience: int, min_epochs: int = 0
+) -> bool:
     """Whether the last ``patience`` epochs of ``history`` all came after the selected (best-on-val)
-    epoch without beating it; never with ``patience`` 0."""
+    epoch without beating it; never with ``patience`` 0, nor before ``min_epochs`` epochs trained."""
     if patience <= 0 or not history or "epoch" not in best:
+        return False
+    if history[-1]["epoch"] + 1 < min_epochs:  # epochs count from 0
         return False
     return history[-1]["epoch"] - best["epoch"] >= patience
 
@@ -348,6 +355,7 @@ def run_metrics(s: Session, elapsed: float, digests: list[str]) -> dict[str, Any
         "epochs_trained": state.epoch,
         "stopped_early": state.stopped,
         "early_stop_patience": t.early_stop_patience,
+        "early_stop_min_epochs": t.early_stop_min_epochs,
         "processes": world,
         "precision": s.accelerator.mixed_precision,  # train.precision, else the launcher's
         "history": state.history,
